@@ -1,0 +1,40 @@
+# A fresh clone needs nothing but python3 and make: every target creates or reuses .venv.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# GPU=1 installs onnxruntime-gpu instead of onnxruntime (the two cannot share one environment).
+RUNTIME := $(if $(GPU),gpu,cpu)
+EXTRAS  ?= $(RUNTIME),models,dev
+comma   := ,
+STAMP   := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+PYTEST_ARGS ?=
+
+.PHONY: install models run test bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[$(EXTRAS)]"
+	@rm -f $(VENV)/.installed-*; touch $@
+
+# Builds the default models into models/<name>/<version>/ (cached: skipped when present).
+models: install
+	$(BIN)/python models/build.py
+
+# Embedded broker + worker + demo producer; prints verdicts as they arrive. Ctrl-C stops all.
+run: models
+	$(BIN)/inferstream demo
+
+test: models
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: models
+	$(BIN)/python bench/frames_throughput.py
+
+lint: install
+	$(BIN)/ruff check streams operators models tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

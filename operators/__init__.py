@@ -1,0 +1,1 @@
+"""Pure inference building blocks (no Kafka, no Faust): sessions, batching, pre/post-processing."""

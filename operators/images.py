@@ -1,0 +1,110 @@
+"""Image bytes <-> RGB arrays, with the checks that keep a worker alive on hostile input.
+
+Arrays are `(H, W, 3) uint8` in RGB order everywhere in inferstream; conversion to a model's own
+colour order happens in that model's preprocessing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from operators.errors import BadInput
+
+ENCODINGS = ("jpeg", "png", "raw")
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Dimensions beyond these are refused before any pixel is decoded (decompression bombs)."""
+
+    max_side: int = 8192
+    max_pixels: int = 40_000_000
+
+
+def encode_image(rgb: np.ndarray, encoding: str = "jpeg", jpeg_quality: int = 90) -> bytes:
+    """RGB `(H, W, 3) uint8` -> bytes in `encoding` (jpeg, png, or raw = the pixels row by row)."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {rgb.shape} {rgb.dtype}")
+    if encoding == "raw":
+        return np.ascontiguousarray(rgb).tobytes()
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    if encoding == "jpeg":
+        ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
+    elif encoding == "png":
+        ok, buf = cv2.imencode(".png", bgr)
+    else:
+        raise ValueError(f"unknown encoding {encoding!r}; use one of {ENCODINGS}")
+    if not ok:
+        raise ValueError(f"OpenCV could not encode the image as {encoding}")
+    return buf.tobytes()
+
+
+def check_dimensions(width: int, height: int, limits: ImageLimits) -> None:
+    if width <= 0 or height <= 0:
+        raise BadInput("bad_dimensions", f"image dimensions must be positive, got {width}x{height}")
+    if max(width, height) > limits.max_side or width * height > limits.max_pixels:
+        raise BadInput(
+            "image_too_large",
+            f"{width}x{height} exceeds the limits (side <= {limits.max_side}, pixels <= {limits.max_pixels})",
+        )
+
+
+def _header_dimensions(data: bytes, encoding: str) -> tuple[int, int] | None:
+    """Width and height read from the PNG/JPEG header without decoding pixels (None if not found)."""
+    if encoding == "png" and len(data) >= 24 and data[:8] == b"\x89PNG\r\n\x1a\n":
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if encoding == "jpeg":
+        i = 2
+        while i + 9 < len(data):
+            if data[i] != 0xFF:
+                return None
+            marker = data[i + 1]
+            seg_len = int.from_bytes(data[i + 2 : i + 4], "big")
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn: frame header
+                return int.from_bytes(data[i + 7 : i + 9], "big"), int.from_bytes(data[i + 5 : i + 7], "big")
+            i += 2 + seg_len
+    return None
+
+
+def decode_image(
+    data: bytes,
+    encoding: str = "jpeg",
+    width: int | None = None,
+    height: int | None = None,
+    limits: ImageLimits = ImageLimits(),
+) -> np.ndarray:
+    """Bytes -> RGB `(H, W, 3) uint8`. Raises `BadInput` with a reason code on anything unusable.
+
+    `width`/`height` are what the producer declared; raw frames need them, encoded frames are checked
+    against them when given.
+    """
+    if not data:
+        raise BadInput("empty_image", "the record value is empty")
+    if encoding not in ENCODINGS:
+        raise BadInput("unknown_encoding", f"encoding {encoding!r} is not one of {', '.join(ENCODINGS)}")
+    if width is not None and height is not None:
+        check_dimensions(width, height, limits)
+    if encoding == "raw":
+        if width is None or height is None:
+            raise BadInput("missing_header", "raw frames need width and height headers")
+        expected = width * height * 3
+        if len(data) != expected:
+            raise BadInput("size_mismatch", f"raw rgb24 {width}x{height} needs {expected} bytes, got {len(data)}")
+        return np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3).copy()
+
+    declared = _header_dimensions(data, encoding)
+    if declared is not None:
+        check_dimensions(*declared, limits)  # refuse bombs before allocating their pixels
+    bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise BadInput("image_decode_failed", f"{len(data)} bytes are not a decodable {encoding} image")
+    if encoding == "jpeg" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        # libjpeg fills a truncated scan with grey and only warns; a cut-off frame is not a frame.
+        raise BadInput("image_truncated", f"{encoding} data ends before its end-of-image marker")
+    h, w = bgr.shape[:2]
+    if width is not None and height is not None and (w, h) != (width, height):
+        raise BadInput("size_mismatch", f"headers say {width}x{height} but the image is {w}x{h}")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)

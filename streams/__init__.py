@@ -1,0 +1,1 @@
+"""The Kafka side of inferstream: topics and schemas, Faust agents, producers, CLI."""

@@ -1,0 +1,90 @@
+"""The Faust app: topics, agents, and the worker entry point.
+
+Agents are thin: read raw bytes (no Faust deserialisation, so a bad record can never crash the
+stream), hand each event to a pipeline, and let OrderedAcker ack it once its output is delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import faust
+
+from operators.classify import ImageClassifier
+from operators.model_repository import ModelRepository
+from streams.config import Settings
+from streams.frames import FramePipeline, source_of
+from streams.ordered import OrderedAcker, Output
+from streams.schemas import FRAMES
+
+log = logging.getLogger(__name__)
+
+
+def faust_credentials(settings: Settings):
+    if settings.security_protocol.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=settings.sasl_username, password=settings.sasl_password,
+            mechanism=settings.sasl_mechanism, ssl_context=settings.ssl_context(),
+        )
+    if settings.security_protocol == "SSL":
+        return faust.SSLCredentials(settings.ssl_context())
+    return None
+
+
+def create_app(settings: Settings) -> faust.App:
+    return faust.App(
+        settings.app_id,
+        broker=[f"kafka://{server}" for server in settings.bootstrap_servers],
+        broker_credentials=faust_credentials(settings),
+        store="memory://",
+        datadir=str(Path(settings.data_dir) / settings.app_id),
+        autodiscover=False,
+        processing_guarantee="at_least_once",
+        topic_partitions=settings.partitions,
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=settings.heartbeat_interval_s,
+        broker_commit_interval=settings.commit_interval_s,
+        consumer_auto_offset_reset="earliest",
+        producer_max_request_size=settings.max_message_bytes + 64 * 1024,
+        consumer_max_fetch_size=settings.max_message_bytes + 64 * 1024,
+        producer_acks=-1,
+        web_enabled=True,
+        web_port=settings.web_port,
+        web_bind=settings.web_host,
+        web_host=settings.web_host,
+    )
+
+
+def raw_topic(app: faust.App, settings: Settings, name: str) -> faust.TopicT:
+    return app.topic(settings.topic(name), key_type=bytes, value_type=bytes,
+                     key_serializer="raw", value_serializer="raw", partitions=settings.partitions)
+
+
+def build_worker_app(settings: Settings) -> faust.App:
+    """The app with every agent registered and its models loaded (loaded before the worker joins the
+    group, so no partition is held while a model is still loading)."""
+    app = create_app(settings)
+    repo = ModelRepository(settings.model_dir)
+    providers = tuple(p for p in settings.providers.split(",") if p) or None
+    threads = settings.intra_op_threads or None
+    classifier = ImageClassifier(repo.load(settings.frames_model, providers=providers, intra_op_threads=threads))
+    log.info("frames model %s on %s", classifier.model.ref, classifier.model.session.providers)
+    frames = FramePipeline(settings, classifier)
+
+    async def send(output: Output):
+        return await app.producer.send(output.topic, output.key, output.value, None, None, output.headers)
+
+    @app.agent(raw_topic(app, settings, FRAMES), name="frames")
+    async def classify_frames(stream):
+        acker = OrderedAcker(send, settings.max_in_flight, name="frames")
+        delivering = asyncio.ensure_future(acker.run())
+        try:
+            async for event in stream.noack().events():
+                await acker.add(event, frames.handle(source_of(event)))
+        finally:
+            await acker.drain(timeout_s=5.0)
+            delivering.cancel()
+
+    return app

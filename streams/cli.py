@@ -1,0 +1,190 @@
+"""`inferstream` command line. Every command reads Settings from INFERSTREAM_* variables (and an
+optional --config file); flags override them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+
+import click
+
+from streams.config import Settings
+
+
+def _settings(ctx: click.Context) -> Settings:
+    return ctx.obj["settings"]
+
+
+class _Group(click.Group):
+    """Turns expected failures (broker down, bad file, port taken) into one line, not a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        from streams.broker import BrokerError
+        from streams.produce import ProduceError
+
+        try:
+            return super().invoke(ctx)
+        except (BrokerError, ProduceError, FileNotFoundError, ValueError) as exc:
+            click.echo(f"inferstream: error: {exc}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            sys.exit(130)
+
+
+@click.group(cls=_Group)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="INFERSTREAM_CONFIG",
+              help="YAML settings file (environment variables INFERSTREAM_* override it).")
+@click.option("--broker", help="Kafka bootstrap servers (default from INFERSTREAM_BROKER, else 127.0.0.1:9092).")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None, broker: str | None) -> None:
+    """inferstream: Kafka-native streaming inference."""
+    settings = Settings.load(config_path)
+    if broker:
+        settings = settings.replace(broker=broker)
+    ctx.obj = {"settings": settings}
+
+
+@main.command()
+@click.option("--port", default=9092, show_default=True, help="Port on 127.0.0.1.")
+def broker(port: int) -> None:
+    """Run the embedded Kafka-protocol broker (tansu) until Ctrl-C."""
+    from streams.broker import EmbeddedBroker
+
+    with EmbeddedBroker(port) as b:
+        click.echo(f"broker ready on {b.bootstrap} (in memory: everything is lost when it stops)", err=True)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        try:
+            b.process.wait()
+        except KeyboardInterrupt:
+            pass
+    click.echo("broker stopped", err=True)
+
+
+@main.command()
+@click.option("--web-port", type=int, help="HTTP port of this worker (default INFERSTREAM_WEB_PORT, 6066).")
+@click.pass_context
+def worker(ctx: click.Context, web_port: int | None) -> None:
+    """Run a worker with all agents; workers with the same app id share the partitions."""
+    import faust
+
+    from streams.app import build_worker_app
+    from streams.broker import wait_for_metadata
+    from streams.kafka import ensure_topics
+
+    settings = _settings(ctx)
+    if web_port:
+        settings = settings.replace(web_port=web_port)
+    asyncio.run(wait_for_metadata(settings.broker, 30, settings.kafka_client_options()))
+    asyncio.run(ensure_topics(settings))
+    app = build_worker_app(settings)
+    faust.Worker(app, loglevel=settings.log_level.upper(), quiet=True).execute_from_commandline()
+
+
+@main.group()
+def produce() -> None:
+    """Publish frames, posts or events."""
+
+
+@produce.command("video")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--stream-id", required=True, help="Key of every frame (one stream = one partition, in order).")
+@click.option("--fps", type=float, help="Sample about N frames per second of video.")
+@click.option("--every", type=int, help="Sample every Nth frame.")
+@click.option("--encoding", type=click.Choice(["jpeg", "png", "raw"]), default="jpeg", show_default=True)
+@click.option("--max-frames", type=int, help="Stop after N frames.")
+@click.option("--skip-oversized", is_flag=True, help="Report and skip frames over the message limit instead of stopping.")
+@click.pass_context
+def produce_video_cmd(ctx, path, stream_id, fps, every, encoding, max_frames, skip_oversized) -> None:
+    """Decode a video file with PyAV and publish sampled frames to `frames`."""
+    from streams.produce import produce_video
+
+    report = produce_video(_settings(ctx), path, stream_id, fps=fps, every=every, encoding=encoding,
+                           max_frames=max_frames, skip_oversized=skip_oversized, show_progress=sys.stderr.isatty())
+    click.echo(json.dumps(report.as_dict()))
+
+
+def _jsonl_command(kind: str):
+    @click.argument("path", type=click.Path(exists=True, dir_okay=False))
+    @click.option("--skip-invalid", is_flag=True, help="Report and skip invalid lines instead of refusing the file.")
+    @click.pass_context
+    def command(ctx, path, skip_invalid) -> None:
+        from streams.produce import produce_jsonl
+
+        report = produce_jsonl(_settings(ctx), kind, path, skip_invalid, show_progress=sys.stderr.isatty())
+        click.echo(json.dumps(report.as_dict()))
+
+    command.__doc__ = f"Validate a JSONL file and publish it to `{kind}` (all lines valid, or nothing is sent)."
+    return command
+
+
+produce.command("posts")(_jsonl_command("posts"))
+produce.command("events")(_jsonl_command("events"))
+
+
+@main.command()
+@click.argument("topic")
+@click.option("--count", type=int, help="Stop after N records.")
+@click.option("--timeout", "timeout_s", type=float, help="Stop after S seconds.")
+@click.option("--from-end", is_flag=True, help="Only new records (default: from the beginning).")
+@click.option("--with-meta", is_flag=True, help="Wrap each value with topic, partition, offset, key, headers.")
+@click.pass_context
+def tail(ctx, topic, count, timeout_s, from_end, with_meta) -> None:
+    """Print a topic's records as JSON lines. Exits 1 if --count was not reached before --timeout."""
+    from streams.tail import run_tail
+
+    printed = run_tail(_settings(ctx), topic, count=count, timeout_s=timeout_s, from_beginning=not from_end,
+                       with_meta=with_meta)
+    if count is not None and printed < count:
+        click.echo(f"inferstream: only {printed} of {count} records before the timeout", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--port", default=9092, show_default=True, help="Port of the embedded broker.")
+@click.option("--seconds", default=6.0, show_default=True, help="Length of the sample video.")
+@click.option("--keep-running", is_flag=True, help="Keep broker and worker up after the demo data.")
+def demo(port: int, seconds: float, keep_running: bool) -> None:
+    """Start broker + worker, publish a sample video, print verdicts as they arrive (Ctrl-C stops all)."""
+    from streams.demo import run_demo
+
+    sys.exit(run_demo(port=port, seconds=seconds, keep_running=keep_running))
+
+
+@main.group()
+def config() -> None:
+    """Inspect the configuration."""
+
+
+@config.command("show")
+@click.pass_context
+def config_show(ctx) -> None:
+    """Print the effective settings (secrets redacted)."""
+    click.echo(json.dumps(_settings(ctx).redacted(), indent=2))
+
+
+@main.group()
+def models() -> None:
+    """Inspect the model repository."""
+
+
+@models.command("list")
+@click.pass_context
+def models_list(ctx) -> None:
+    """List models, versions, tasks and their tensors."""
+    from operators.model_repository import ModelConfigError, ModelRepository
+
+    repo = ModelRepository(_settings(ctx).model_dir)
+    for name in repo.names():
+        for version in repo.versions(name):
+            try:
+                loaded = repo.load(f"{name}@{version}", providers=("cpu",))
+                row = {"model": name, "version": version, "task": loaded.config.task, **loaded.session.describe()}
+            except ModelConfigError as exc:
+                row = {"model": name, "version": version, "error": str(exc)}
+            click.echo(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Settings: one typed object, from defaults <- a YAML file (INFERSTREAM_CONFIG) <- environment.
+
+Every field `x` can be set by the environment variable `INFERSTREAM_X`. Secrets (SASL password,
+API tokens) come only from here, never from code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import ssl
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
+SECRET_FIELDS = {"sasl_password", "api_token"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Kafka
+    broker: str = "127.0.0.1:9092"  # comma-separated bootstrap servers
+    topic_prefix: str = ""
+    partitions: int = 4
+    app_id: str = "inferstream"  # Faust app id = consumer group of the workers
+    # Dev/test-friendly group timings; the embedded broker makes a join wait ~half the session timeout.
+    session_timeout_s: float = 10.0
+    heartbeat_interval_s: float = 3.0
+    commit_interval_s: float = 1.0
+    # Kafka's default message.max.bytes is 1,048,588; frames over this are refused at the producer.
+    max_message_bytes: int = 1_000_000
+    security_protocol: str = "PLAINTEXT"  # PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL
+    sasl_mechanism: str = "PLAIN"  # PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512
+    sasl_username: str = ""
+    sasl_password: str = ""
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+    # Models and inference
+    model_dir: str = str(REPO_MODELS)
+    frames_model: str = "efficientnet-lite0"  # name or name@version
+    providers: str = ""  # e.g. "cuda,cpu"; empty = each model config's own preference
+    intra_op_threads: int = 0  # 0 = ONNX Runtime default
+    decode_threads: int = 2
+    max_in_flight: int = 256  # records decoded/inferring per agent before consuming pauses
+    # Input limits (dead-lettered beyond these)
+    max_image_side: int = 8192
+    max_image_pixels: int = 40_000_000
+    # Worker
+    web_port: int = 6066
+    web_host: str = "127.0.0.1"
+    data_dir: str = ".inferstream"
+    log_level: str = "info"
+    api_token: str = ""
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, env: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+        values: dict[str, Any] = {}
+        path = path or env.get("INFERSTREAM_CONFIG")
+        if path:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+            unknown = set(raw) - {f.name for f in fields(cls)}
+            if unknown:
+                raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
+            values.update(raw)
+        for f in fields(cls):
+            key = f"INFERSTREAM_{f.name.upper()}"
+            if key in env:
+                values[f.name] = env[key]
+        return cls(**{k: _coerce(cls.__dataclass_fields__[k].type, v) for k, v in values.items()})
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    @property
+    def bootstrap_servers(self) -> list[str]:
+        return [s.strip() for s in self.broker.split(",") if s.strip()]
+
+    def redacted(self) -> dict[str, Any]:
+        return {k: ("***" if k in SECRET_FIELDS and v else v) for k, v in dataclasses.asdict(self).items()}
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if "SSL" not in self.security_protocol:
+            return None
+        ctx = ssl.create_default_context(cafile=self.ssl_cafile or None)
+        if self.ssl_certfile:
+            ctx.load_cert_chain(self.ssl_certfile, self.ssl_keyfile or None)
+        return ctx
+
+    def kafka_client_options(self) -> dict[str, Any]:
+        """Security options for every aiokafka client (producer, consumer, admin)."""
+        opts: dict[str, Any] = {"security_protocol": self.security_protocol}
+        if self.security_protocol.startswith("SASL"):
+            opts.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_username,
+                        sasl_plain_password=self.sasl_password)
+        ctx = self.ssl_context()
+        if ctx is not None:
+            opts["ssl_context"] = ctx
+        return opts
+
+
+def _coerce(type_name: Any, value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    kind = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", "str")
+    if kind == "int":
+        return int(value)
+    if kind == "float":
+        return float(value)
+    if kind == "bool":
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return value

@@ -1,0 +1,109 @@
+"""`make run` / `inferstream demo`: embedded broker + worker + a sample video, verdicts printed live."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from operators.video import write_video
+from streams.broker import EmbeddedBroker, free_port
+from streams.config import Settings
+from streams.kafka import consumer, ensure_topics
+from streams.produce import produce_video
+from streams.schemas import DEAD_LETTERS, VERDICTS
+
+WORK = Path(".inferstream")
+
+
+def sample_video(path: Path, seconds: float = 6.0, fps: int = 10, size: tuple[int, int] = (640, 480)) -> Path:
+    """A slide show of scikit-image's sample photos with a slow zoom, generated (not downloaded)."""
+    from skimage import data
+
+    photos = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket()]
+    per_photo = max(1, int(seconds * fps / len(photos)))
+    w, h = size
+
+    def frames():
+        for photo in photos:
+            for i in range(per_photo):
+                zoom = 1.0 + 0.15 * i / per_photo
+                ph, pw = photo.shape[:2]
+                ch, cw = int(ph / zoom), int(pw / zoom)
+                top, left = (ph - ch) // 2, (pw - cw) // 2
+                crop = photo[top : top + ch, left : left + cw]
+                yield np.ascontiguousarray(cv2.resize(crop, (w, h), interpolation=cv2.INTER_AREA))
+
+    return write_video(path, frames(), fps=fps)
+
+
+def _line(verdict: dict) -> str:
+    top = ", ".join(f"{c['label']} {c['score']:.2f}" for c in verdict["classifications"][:3])
+    e2e = verdict["latency_ms"]["end_to_end"]
+    model = verdict["models"]["classifier"]
+    return (f"verdict {verdict['id']:<14} pts {verdict['pts'] or 0:5.1f}s  {top:<60} "
+            f"{model['name']}@{model['version']}  e2e {e2e} ms")
+
+
+async def _print_results(settings: Settings, expected: int, timeout_s: float) -> int:
+    kafka = consumer(settings, settings.topic(VERDICTS), settings.topic(DEAD_LETTERS),
+                     group_id=None, auto_offset_reset="earliest", enable_auto_commit=False)
+    await kafka.start()
+    seen = 0
+    deadline = time.monotonic() + timeout_s
+    try:
+        while seen < expected and time.monotonic() < deadline:
+            batch = await kafka.getmany(timeout_ms=500)
+            for messages in batch.values():
+                for msg in messages:
+                    record = json.loads(msg.value)
+                    if msg.topic.endswith(DEAD_LETTERS):
+                        print(f"dead letter {record['reason']}: {record['detail']}", flush=True)
+                    else:
+                        print(_line(record), flush=True)
+                    seen += 1
+    finally:
+        await kafka.stop()
+    return seen
+
+
+def run_demo(port: int = 9092, seconds: float = 6.0, keep_running: bool = False) -> int:
+    WORK.mkdir(exist_ok=True)
+    settings = Settings.load().replace(broker=f"127.0.0.1:{port}", topic_prefix="demo-", app_id="inferstream-demo")
+    print(f"demo: starting the embedded broker on 127.0.0.1:{port}", flush=True)
+    worker = None
+    with EmbeddedBroker(port, log_path=WORK / "broker.log"):
+        try:
+            asyncio.run(ensure_topics(settings))
+            web_port = free_port()
+            env = {**os.environ, "INFERSTREAM_BROKER": settings.broker, "INFERSTREAM_TOPIC_PREFIX": settings.topic_prefix,
+                   "INFERSTREAM_APP_ID": settings.app_id, "INFERSTREAM_WEB_PORT": str(web_port)}
+            log = open(WORK / "worker.log", "ab")  # noqa: SIM115
+            worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=env, stdout=log, stderr=log)
+            print(f"demo: worker started (log: {WORK / 'worker.log'}, web on 127.0.0.1:{web_port})", flush=True)
+            video = sample_video(WORK / "sample.mp4", seconds)
+            report = produce_video(settings, video, "demo-cam", every=1)
+            print(f"demo: published {report.sent} frames of {video} to {settings.topic('frames')}", flush=True)
+            seen = asyncio.run(_print_results(settings, report.sent, timeout_s=120))
+            print(f"demo: {seen}/{report.sent} frames judged", flush=True)
+            if keep_running:
+                print("demo: broker and worker keep running; Ctrl-C stops them", flush=True)
+                worker.wait()
+            return 0 if seen >= report.sent else 1
+        except KeyboardInterrupt:
+            print("\ndemo: stopping", flush=True)
+            return 130
+        finally:
+            if worker is not None and worker.poll() is None:
+                worker.terminate()
+                try:
+                    worker.wait(20)
+                except subprocess.TimeoutExpired:
+                    worker.kill()

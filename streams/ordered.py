@@ -1,0 +1,102 @@
+"""At-least-once consumption for agents that batch: ack an input only after its outputs are delivered.
+
+Faust's own acking does not mean "result produced" once work is batched or concurrent (an exception
+in a `take()` body acks the batch anyway; concurrency > 1 commits early, faust-streaming #606). So
+agents read with `stream.noack()` and hand each event here together with the task that computes
+its outputs. `OrderedAcker` then, strictly in consume order:
+
+    wait for the oldest event's outputs -> send them (and any later ones already done) ->
+    await the broker's acks -> ack those events
+
+Acks are in order per partition, so Faust's committed offset never passes a record whose output (or
+dead letter) is not on the broker. Outputs are keyed by input id, so a redelivery after a crash
+rewrites the same keys (idempotent for compacted or keyed consumers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Exit code when outputs cannot be delivered: the un-acked inputs are redelivered after a restart.
+EXIT_DELIVERY_FAILED = 75
+
+
+@dataclass(frozen=True)
+class Output:
+    """One record to produce."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]] | None = None
+
+
+Send = Callable[[Output], Awaitable[Awaitable[Any]]]  # returns once buffered; the inner awaitable is delivery
+
+
+class OrderedAcker:
+    def __init__(self, send: Send, max_in_flight: int = 256, max_flush: int = 1000, name: str = "agent") -> None:
+        self._send = send
+        self._pending: deque[tuple[Any, asyncio.Future[list[Output]]]] = deque()
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._wakeup = asyncio.Event()
+        self._max_flush = max_flush
+        self.name = name
+        self.delivered = 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    async def add(self, event: Any, outputs: Awaitable[list[Output]]) -> None:
+        """Register `event` (anything with `.ack()`) and the awaitable of its outputs, in consume order.
+        Waits while `max_in_flight` events are pending: back-pressure on consumption."""
+        await self._slots.acquire()
+        self._pending.append((event, asyncio.ensure_future(outputs)))
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        """Deliver and ack forever. A delivery failure ends the process: acking would lose records,
+        not acking would stall the partition, and a restart redelivers exactly what is un-acked."""
+        try:
+            while True:
+                await self._flush_ready()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.critical("%s: cannot deliver outputs; exiting so un-acked inputs are redelivered", self.name, exc_info=True)
+            logging.shutdown()
+            os._exit(EXIT_DELIVERY_FAILED)
+
+    async def _flush_ready(self) -> None:
+        while not self._pending:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        await asyncio.wait([self._pending[0][1]])  # the oldest decides; later ones may already be done
+        ready = [self._pending.popleft()]
+        while self._pending and self._pending[0][1].done() and len(ready) < self._max_flush:
+            ready.append(self._pending.popleft())
+        deliveries = []
+        for _, outputs in ready:
+            for output in outputs.result():
+                deliveries.append(await self._send(output))
+        await asyncio.gather(*deliveries)
+        for event, _ in ready:
+            event.ack()
+            self._slots.release()
+        self.delivered += len(ready)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait (bounded) until everything added so far is delivered and acked; for graceful stops."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._pending and loop.time() < deadline:
+            await asyncio.sleep(0.01)

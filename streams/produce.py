@@ -1,0 +1,154 @@
+"""Producers: video files -> `frames`, JSONL -> `posts` / `events`.
+
+Every record is validated before it is sent, and every send is awaited: a producer that exits 0 has
+put every record on the broker. A frame too large for a Kafka message is refused with its index and
+size; it is never dropped silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from operators.errors import BadInput
+from operators.images import encode_image
+from operators.video import sample_frames
+from streams.config import Settings
+from streams.kafka import ensure_topics, producer
+from streams.schemas import EVENTS, FRAMES, POSTS, FrameMeta, parse_event, parse_post
+
+
+class ProduceError(RuntimeError):
+    """A user-facing reason why records were refused."""
+
+
+@dataclass
+class ProduceReport:
+    sent: int = 0
+    refused: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"sent": self.sent, "refused": len(self.refused)}
+
+
+_IN_FLIGHT = 500  # sends awaited in groups: fast, and every one is still confirmed
+
+
+async def _send_all(settings: Settings, topic: str, records: Iterable[tuple[bytes | None, bytes, list | None]],
+                    report: ProduceReport, progress: tqdm | None) -> None:
+    await ensure_topics(settings)
+    kafka = producer(settings)
+    await kafka.start()
+    try:
+        pending = []
+        for key, value, headers in records:
+            pending.append(await kafka.send(topic, value, key=key, headers=headers))
+            if len(pending) >= _IN_FLIGHT:
+                await asyncio.gather(*pending)
+                report.sent += len(pending)
+                if progress is not None:
+                    progress.update(len(pending))
+                pending.clear()
+        await asyncio.gather(*pending)
+        report.sent += len(pending)
+        if progress is not None:
+            progress.update(len(pending))
+    finally:
+        await kafka.stop()
+
+
+def _progress(show: bool, unit: str, total: int | None = None) -> tqdm | None:
+    return tqdm(total=total, unit=unit, dynamic_ncols=True, leave=False) if show else None
+
+
+def frame_records(settings: Settings, path: str | Path, stream_id: str, *, fps: float | None = None,
+                  every: int | None = None, encoding: str = "jpeg", max_frames: int | None = None,
+                  skip_oversized: bool = False, report: ProduceReport | None = None,
+                  warn: Callable[[str], None] = print):
+    """Decoded, sampled and encoded frames as (key, value, headers); raises ProduceError on an
+    oversized frame unless `skip_oversized` (then each refusal is reported through `warn`)."""
+    report = report or ProduceReport()
+    for frame in sample_frames(path, fps=fps, every=every, max_frames=max_frames):
+        h, w = frame.rgb.shape[:2]
+        meta = FrameMeta(stream_id, frame.index, frame.pts, encoding, w, h)
+        value = encode_image(frame.rgb, encoding)
+        headers = meta.headers()
+        size = len(value) + sum(len(k) + len(v) for k, v in headers) + len(stream_id)
+        if size > settings.max_message_bytes:
+            reason = (f"frame {frame.index} of stream {stream_id!r} ({w}x{h}, {encoding}) is {size:,} bytes, over the "
+                      f"{settings.max_message_bytes:,}-byte message limit (INFERSTREAM_MAX_MESSAGE_BYTES); "
+                      f"use --encoding jpeg or a smaller video")
+            if not skip_oversized:
+                raise ProduceError(reason)
+            report.refused.append(reason)
+            warn(f"refused: {reason}")
+            continue
+        yield stream_id.encode(), value, headers
+
+
+def produce_video(settings: Settings, path: str | Path, stream_id: str, *, fps: float | None = None,
+                  every: int | None = None, encoding: str = "jpeg", max_frames: int | None = None,
+                  skip_oversized: bool = False, show_progress: bool = False) -> ProduceReport:
+    if not Path(path).is_file():
+        raise ProduceError(f"no such video file: {path}")
+    report = ProduceReport()
+    records = frame_records(settings, path, stream_id, fps=fps, every=every, encoding=encoding,
+                            max_frames=max_frames, skip_oversized=skip_oversized, report=report,
+                            warn=lambda m: tqdm.write(m))
+    progress = _progress(show_progress, "frame")
+    try:
+        asyncio.run(_send_all(settings, settings.topic(FRAMES), records, report, progress))
+    finally:
+        if progress is not None:
+            progress.close()
+    return report
+
+
+# Posts are keyed by post id (verdicts are per post); events by user id (one user's state, one partition).
+_JSONL_KINDS = {POSTS: (parse_post, "id"), EVENTS: (parse_event, "user_id")}
+
+
+def jsonl_records(kind: str, path: str | Path, skip_invalid: bool = False, report: ProduceReport | None = None,
+                  warn: Callable[[str], None] = print):
+    """Validated (key, value, None) records from a JSONL file of `kind` (posts or events)."""
+    parse, key_field = _JSONL_KINDS[kind]
+    report = report or ProduceReport()
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = parse(line.encode())
+            except BadInput as exc:
+                reason = f"{path}:{lineno}: {exc.reason}: {exc.detail}"
+                if not skip_invalid:
+                    raise ProduceError(reason) from exc
+                report.refused.append(reason)
+                warn(f"refused: {reason}")
+                continue
+            yield record[key_field].encode(), json.dumps(json.loads(line), ensure_ascii=False).encode(), None
+
+
+def produce_jsonl(settings: Settings, kind: str, path: str | Path, skip_invalid: bool = False,
+                  show_progress: bool = False) -> ProduceReport:
+    if not Path(path).is_file():
+        raise ProduceError(f"no such file: {path}")
+    if not skip_invalid:
+        for _ in jsonl_records(kind, path):  # validate the whole file first: all or nothing
+            pass
+    report = ProduceReport()
+    records = jsonl_records(kind, path, skip_invalid, report, warn=lambda m: tqdm.write(m))
+    progress = _progress(show_progress, "record")
+    try:
+        asyncio.run(_send_all(settings, settings.topic(kind), records, report, progress))
+    finally:
+        if progress is not None:
+            progress.close()
+    return report
+

@@ -1,0 +1,221 @@
+"""Topic names and the wire schemas of every record inferstream reads or writes.
+
+Everything on the wire is JSON (UTF-8) or, for frames, image bytes with string headers: any Kafka
+client (kcat, Java, Go) can produce and read them. Each record names its schema version
+(`schema` field, or the `schema` header on frames); unknown versions are refused on the way in.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from operators.errors import BadInput
+
+# Logical topic names; the real name is Settings.topic_prefix + name.
+FRAMES, POSTS, EVENTS = "frames", "posts", "events"
+VERDICTS, RECOMMENDATIONS, DEAD_LETTERS = "verdicts", "recommendations", "dead-letters"
+ALL_TOPICS = (FRAMES, POSTS, EVENTS, VERDICTS, RECOMMENDATIONS, DEAD_LETTERS)
+
+FRAME_SCHEMA = "inferstream.frame.v1"
+POST_SCHEMA = "inferstream.post.v1"
+EVENT_SCHEMA = "inferstream.event.v1"
+VERDICT_SCHEMA = "inferstream.verdict.v1"
+DEAD_LETTER_SCHEMA = "inferstream.dead_letter.v1"
+
+EVENT_KINDS = ("view", "click", "like", "purchase")
+MAX_TEXT_CHARS = 20_000
+MAX_ID_CHARS = 256
+
+
+def dumps(record: dict[str, Any]) -> bytes:
+    """Compact UTF-8 JSON; NaN/Infinity are not JSON and are refused."""
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+# ----------------------------------------------------------------------------------------- frames
+@dataclass(frozen=True)
+class FrameMeta:
+    """Frame metadata carried in Kafka headers (all values UTF-8 strings). Key = stream id."""
+
+    stream_id: str
+    frame_index: int
+    pts: float  # presentation time in seconds from the start of the stream
+    encoding: str  # jpeg | png | raw (rgb24, row-major)
+    width: int
+    height: int
+
+    @property
+    def record_id(self) -> str:
+        return f"{self.stream_id}:{self.frame_index}"
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        pairs = {
+            "schema": FRAME_SCHEMA, "stream_id": self.stream_id, "frame_index": str(self.frame_index),
+            "pts": f"{self.pts:.6f}", "encoding": self.encoding, "width": str(self.width), "height": str(self.height),
+        }
+        if self.encoding == "raw":
+            pairs["pixel_format"] = "rgb24"
+        return [(k, v.encode()) for k, v in pairs.items()]
+
+    @classmethod
+    def from_headers(cls, headers: Any, key: bytes | None) -> FrameMeta:
+        h = decode_headers(headers)
+        schema = h.get("schema", FRAME_SCHEMA)
+        if schema != FRAME_SCHEMA:
+            raise BadInput("unknown_schema", f"frame schema {schema!r} is not {FRAME_SCHEMA!r}")
+        missing = [k for k in ("frame_index", "encoding") if k not in h]
+        stream_id = h.get("stream_id") or (key.decode("utf-8", "replace") if key else "")
+        if not stream_id:
+            missing.insert(0, "stream_id")
+        if missing:
+            raise BadInput("missing_header", f"frame headers lack {', '.join(missing)}")
+        try:
+            frame_index = int(h["frame_index"])
+            pts = float(h.get("pts", "nan"))
+            width = int(h["width"]) if "width" in h else 0
+            height = int(h["height"]) if "height" in h else 0
+        except ValueError as exc:
+            raise BadInput("bad_header", f"frame header is not a number: {exc}") from exc
+        if frame_index < 0:
+            raise BadInput("bad_header", f"frame_index must be >= 0, got {frame_index}")
+        return cls(stream_id, frame_index, pts, h["encoding"], width, height)
+
+
+def decode_headers(headers: Any) -> dict[str, str]:
+    """Kafka headers (list of pairs or mapping, bytes values) -> str dict; bad UTF-8 is replaced."""
+    items = headers.items() if isinstance(headers, dict) else (headers or [])
+    return {str(k): (v.decode("utf-8", "replace") if isinstance(v, bytes | bytearray) else str(v or "")) for k, v in items}
+
+
+# -------------------------------------------------------------------------------- posts and events
+def _load_json_object(value: bytes | None, expected_schema: str) -> dict[str, Any]:
+    if not value:
+        raise BadInput("empty_record", "the record value is empty")
+    try:
+        record = json.loads(value)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadInput("malformed_json", str(exc)) from exc
+    if not isinstance(record, dict):
+        raise BadInput("wrong_schema", f"expected a JSON object, got {type(record).__name__}")
+    schema = record.get("schema", expected_schema)
+    if schema != expected_schema:
+        raise BadInput("unknown_schema", f"schema {schema!r} is not {expected_schema!r}")
+    return record
+
+
+def _require_id(record: dict[str, Any], field: str) -> str:
+    value = record.get(field)
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS:
+        raise BadInput("wrong_schema", f"{field!r} must be a non-empty string of at most {MAX_ID_CHARS} chars")
+    return value
+
+
+def _timestamp(record: dict[str, Any], field: str, required: bool) -> str | None:
+    value = record.get(field)
+    if value is None:
+        if required:
+            raise BadInput("wrong_schema", f"{field!r} is required (ISO-8601 with timezone)")
+        return None
+    try:
+        parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise BadInput("wrong_schema", f"{field!r} is not an ISO-8601 timestamp: {value!r}") from exc
+    if parsed.tzinfo is None:
+        raise BadInput("wrong_schema", f"{field!r} needs a timezone (e.g. ...Z): {value!r}")
+    return parsed.isoformat()
+
+
+def parse_post(value: bytes | None) -> dict[str, Any]:
+    """Validate a `posts` record. Returns it normalised (image decoded from base64 to bytes)."""
+    record = _load_json_object(value, POST_SCHEMA)
+    post = {"schema": POST_SCHEMA, "id": _require_id(record, "id"), "user_id": _require_id(record, "user_id")}
+    text = record.get("text", "")
+    if not isinstance(text, str):
+        raise BadInput("wrong_schema", "'text' must be a string")
+    if len(text) > MAX_TEXT_CHARS:
+        raise BadInput("text_too_long", f"text has {len(text)} characters, limit {MAX_TEXT_CHARS}")
+    post["text"] = text
+    image = record.get("image")
+    if image is not None:
+        if not isinstance(image, dict) or not isinstance(image.get("data"), str):
+            raise BadInput("wrong_schema", "'image' must be {\"encoding\": \"jpeg|png\", \"data\": \"<base64>\"}")
+        try:
+            data = base64.b64decode(image["data"], validate=True)
+        except ValueError as exc:
+            raise BadInput("wrong_schema", f"image data is not base64: {exc}") from exc
+        post["image"] = {"encoding": image.get("encoding", "jpeg"), "data": data}
+    if not text and image is None:
+        raise BadInput("wrong_schema", "a post needs 'text', 'image' or both")
+    post["created_at"] = _timestamp(record, "created_at", required=False)
+    return post
+
+
+def parse_event(value: bytes | None) -> dict[str, Any]:
+    """Validate an `events` record (a user interacting with an item)."""
+    record = _load_json_object(value, EVENT_SCHEMA)
+    kind = record.get("kind")
+    if kind not in EVENT_KINDS:
+        raise BadInput("unknown_event_kind", f"kind {kind!r} is not one of {', '.join(EVENT_KINDS)}")
+    return {
+        "schema": EVENT_SCHEMA, "user_id": _require_id(record, "user_id"), "item_id": _require_id(record, "item_id"),
+        "kind": kind, "ts": _timestamp(record, "ts", required=True),
+    }
+
+
+# ---------------------------------------------------------------------------------------- outputs
+@dataclass(frozen=True)
+class SourceRecord:
+    """Where an input record came from: enough to find it again, and to measure latency."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int | None
+    key: bytes | None
+    headers: dict[str, str]
+    value: bytes | None
+
+    def coordinates(self) -> dict[str, Any]:
+        return {"topic": self.topic, "partition": self.partition, "offset": self.offset, "timestamp_ms": self.timestamp_ms}
+
+
+def _key_field(key: bytes | None) -> dict[str, Any]:
+    if key is None:
+        return {"key": None, "key_encoding": None}
+    try:
+        return {"key": key.decode("utf-8"), "key_encoding": "utf-8"}
+    except UnicodeDecodeError:
+        return {"key": base64.b64encode(key).decode(), "key_encoding": "base64"}
+
+
+MAX_DEAD_LETTER_VALUE = 256 * 1024  # larger originals are referenced by offset only
+
+
+def dead_letter(source: SourceRecord, reason: str, detail: str, stage: str) -> dict[str, Any]:
+    """A `dead-letters` record: why the input could not be processed, and the input itself."""
+    value = source.value or b""
+    record: dict[str, Any] = {
+        "schema": DEAD_LETTER_SCHEMA, "reason": reason, "detail": detail[:2000], "stage": stage,
+        "source": source.coordinates(), **_key_field(source.key), "headers": source.headers,
+        "value_bytes": len(value), "failed_at_ms": now_ms(),
+    }
+    if len(value) <= MAX_DEAD_LETTER_VALUE:
+        record["value_b64"] = base64.b64encode(value).decode()
+    return record
+
+
+def finite(x: float) -> float | None:
+    """JSON has no NaN: missing numbers (e.g. an unknown pts) become null."""
+    return x if math.isfinite(x) else None
