@@ -34,6 +34,7 @@ def faust_credentials(settings: Settings):
 
 
 def create_app(settings: Settings) -> faust.App:
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     return faust.App(
         settings.app_id,
         broker=[f"kafka://{server}" for server in settings.bootstrap_servers],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import socket
 import subprocess
 import time
@@ -48,9 +49,19 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 async def wait_for_metadata(bootstrap: str, timeout_s: float = 30.0, client_options: dict | None = None) -> None:
     """Return once the broker answers a metadata request; raise BrokerError after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    quiet = logging.getLogger("aiokafka")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # "Unable connect" while the broker boots is expected, not news
+    try:
+        await _poll_metadata(bootstrap, deadline, client_options)
+    finally:
+        quiet.setLevel(level)
+
+
+async def _poll_metadata(bootstrap: str, deadline: float, client_options: dict | None) -> None:
     from aiokafka.admin import AIOKafkaAdminClient
 
-    deadline = time.monotonic() + timeout_s
     last: Exception | None = None
     while time.monotonic() < deadline:
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000, **(client_options or {}))
@@ -63,7 +74,7 @@ async def wait_for_metadata(bootstrap: str, timeout_s: float = 30.0, client_opti
             await asyncio.sleep(0.2)
         finally:
             await admin.close()
-    raise BrokerError(f"broker at {bootstrap} did not answer a metadata request within {timeout_s:.0f}s ({last})")
+    raise BrokerError(f"broker at {bootstrap} did not answer a metadata request in time ({last})")
 
 
 class EmbeddedBroker:

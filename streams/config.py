@@ -76,6 +76,10 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
+    def to_env(self) -> dict[str, str]:
+        """The INFERSTREAM_* variables that reproduce these settings in a child process."""
+        return {f"INFERSTREAM_{k.upper()}": str(v) for k, v in dataclasses.asdict(self).items()}
+
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -35,6 +37,9 @@ from streams.schemas import (
 )
 
 log = logging.getLogger(__name__)
+
+# Which worker process wrote a result: for debugging rebalances and scale-out.
+WORKER_ID = f"{socket.gethostname()}/{os.getpid()}"
 
 
 def source_of(event: Any) -> SourceRecord:
@@ -99,6 +104,7 @@ class FramePipeline:
                 "inference": round(inference_ms, 3),
             },
             "source": source.coordinates(),
+            "worker": WORKER_ID,
             "produced_at_ms": produced,
         }
         return Output(self.verdicts_topic, meta.record_id.encode(), dumps(verdict))

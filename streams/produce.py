@@ -8,6 +8,7 @@ size; it is never dropped silently.
 from __future__ import annotations
 
 import asyncio
+import sys
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -100,7 +101,7 @@ def produce_video(settings: Settings, path: str | Path, stream_id: str, *, fps: 
     report = ProduceReport()
     records = frame_records(settings, path, stream_id, fps=fps, every=every, encoding=encoding,
                             max_frames=max_frames, skip_oversized=skip_oversized, report=report,
-                            warn=lambda m: tqdm.write(m))
+                            warn=lambda m: tqdm.write(m, file=sys.stderr))
     progress = _progress(show_progress, "frame")
     try:
         asyncio.run(_send_all(settings, settings.topic(FRAMES), records, report, progress))
@@ -143,7 +144,7 @@ def produce_jsonl(settings: Settings, kind: str, path: str | Path, skip_invalid:
         for _ in jsonl_records(kind, path):  # validate the whole file first: all or nothing
             pass
     report = ProduceReport()
-    records = jsonl_records(kind, path, skip_invalid, report, warn=lambda m: tqdm.write(m))
+    records = jsonl_records(kind, path, skip_invalid, report, warn=lambda m: tqdm.write(m, file=sys.stderr))
     progress = _progress(show_progress, "record")
     try:
         asyncio.run(_send_all(settings, settings.topic(kind), records, report, progress))
