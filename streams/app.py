@@ -22,6 +22,24 @@ from streams.schemas import FRAMES
 log = logging.getLogger(__name__)
 
 
+def _shorten_fetch_wait(max_wait_ms: int) -> None:
+    """Faust hard-codes fetch_max_wait_ms=1500 for its consumer. Apache Kafka answers a fetch as soon as
+    data arrives, but the embedded broker holds every fetch for the full wait (measured: p50 415 ms per
+    record at 1500 ms, 3.6 ms at 50 ms), so we set the wait from our settings before the consumer starts."""
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    original = getattr(AIOKafkaConsumerThread._create_worker_consumer, "__wrapped__",
+                       AIOKafkaConsumerThread._create_worker_consumer)
+
+    def create(self, transport):
+        consumer = original(self, transport)
+        consumer._fetch_max_wait_ms = max_wait_ms  # read by aiokafka when the consumer starts its fetcher
+        return consumer
+
+    create.__wrapped__ = original
+    AIOKafkaConsumerThread._create_worker_consumer = create
+
+
 def faust_credentials(settings: Settings):
     if settings.security_protocol.startswith("SASL"):
         return faust.SASLCredentials(
@@ -35,6 +53,7 @@ def faust_credentials(settings: Settings):
 
 def create_app(settings: Settings) -> faust.App:
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    _shorten_fetch_wait(settings.fetch_max_wait_ms)
     return faust.App(
         settings.app_id,
         broker=[f"kafka://{server}" for server in settings.bootstrap_servers],
@@ -44,6 +63,7 @@ def create_app(settings: Settings) -> faust.App:
         autodiscover=False,
         processing_guarantee="at_least_once",
         topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor,
         broker_session_timeout=settings.session_timeout_s,
         broker_heartbeat_interval=settings.heartbeat_interval_s,
         broker_commit_interval=settings.commit_interval_s,

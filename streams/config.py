@@ -30,6 +30,10 @@ class Settings:
     session_timeout_s: float = 10.0
     heartbeat_interval_s: float = 3.0
     commit_interval_s: float = 1.0
+    # Upper bound on a fetch's wait for data. The embedded broker always waits this long (no early
+    # answer when data arrives), so it bounds latency there; Apache Kafka answers early anyway.
+    fetch_max_wait_ms: int = 50
+    replication_factor: int = 1
     # Kafka's default message.max.bytes is 1,048,588; frames over this are refused at the producer.
     max_message_bytes: int = 1_000_000
     security_protocol: str = "PLAINTEXT"  # PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL

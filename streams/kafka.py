@@ -35,6 +35,7 @@ def consumer(settings: Settings, *topics: str, **overrides) -> AIOKafkaConsumer:
         bootstrap_servers=settings.bootstrap_servers,
         max_partition_fetch_bytes=settings.max_message_bytes + _REQUEST_HEADROOM,
         fetch_max_bytes=max(52428800, settings.max_message_bytes + _REQUEST_HEADROOM),
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
         **settings.kafka_client_options(),
         **overrides,
     )
@@ -49,7 +50,7 @@ async def ensure_topics(settings: Settings, names: tuple[str, ...] = ALL_TOPICS)
         wanted = [settings.topic(n) for n in names if settings.topic(n) not in existing]
         if not wanted:
             return []
-        new = [NewTopic(name, num_partitions=settings.partitions, replication_factor=1,
+        new = [NewTopic(name, num_partitions=settings.partitions, replication_factor=settings.replication_factor,
                         topic_configs={"max.message.bytes": str(settings.max_message_bytes + _REQUEST_HEADROOM)})
                for name in wanted]
         try:
