@@ -57,6 +57,8 @@ class ModelConfig:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ModelConfigError(f"{path}: invalid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ModelConfigError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
         task = raw.get("task")
         if task not in TASKS:
             raise ModelConfigError(f"{path}: unknown task {task!r}; expected one of {', '.join(TASKS)}")

@@ -57,6 +57,7 @@ def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: int = 10, c
                 stream = container.add_stream(codec, rate=fps)
                 stream.height, stream.width = rgb.shape[:2]
                 stream.pix_fmt = "yuv420p"
+                stream.bit_rate = 2_000_000  # the encoder default blurs later frames noticeably
             for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
                 container.mux(packet)
         if stream is not None:

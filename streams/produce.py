@@ -8,8 +8,8 @@ size; it is never dropped silently.
 from __future__ import annotations
 
 import asyncio
-import sys
 import json
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -49,12 +49,12 @@ async def tail(settings: Settings, topic: str, count: int | None = None, timeout
             if wait <= 0:
                 break
             batch = await kafka.getmany(timeout_ms=int(min(wait, 1.0) * 1000), max_records=500)
-            for messages in batch.values():
-                for msg in messages:
-                    out.write(json.dumps(record_as_json(msg, with_meta), ensure_ascii=False) + "\n")
-                    printed += 1
-                    if count is not None and printed >= count:
-                        break
+            messages = [m for msgs in batch.values() for m in msgs]
+            if count is not None:
+                messages = messages[: count - printed]
+            for msg in messages:
+                out.write(json.dumps(record_as_json(msg, with_meta), ensure_ascii=False) + "\n")
+            printed += len(messages)
             out.flush()
     finally:
         await kafka.stop()

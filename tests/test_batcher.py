@@ -7,9 +7,14 @@ import random
 import threading
 import time
 
+import numpy as np
 import pytest
+from scipy.special import softmax
+from tiny_models import tiny_logits, write_tiny_repository
 
 from operators.batcher import BatchFailed, MicroBatcher
+from operators.classify import ImageClassifier
+from operators.model_repository import ModelRepository
 
 
 def _square_plus(x: int) -> int:
@@ -244,3 +249,28 @@ def test_stats_do_not_count_failed_items():
 
     stats = asyncio.run(main())
     assert stats.items == 3  # the three good items, re-run one by one after the mixed batch failed
+
+
+def test_real_model_failure_mid_batch_fails_only_the_poisoned_image(tmp_path):
+    write_tiny_repository(tmp_path, "poisoned", "1", poison=True)
+    classifier = ImageClassifier(ModelRepository(tmp_path).load("poisoned", providers=("cpu",)))
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, size=(40, 50, 3), dtype=np.uint8) for _ in range(7)]  # max 254: safe
+    white = 4
+    images[white] = np.full((40, 50, 3), 255, np.uint8)
+    tensors = [classifier.preprocess(img) for img in images]
+
+    async def main():
+        batcher = MicroBatcher(classifier.run_batch, max_batch_size=8, max_wait_s=0.02)
+        return await _with_batcher(batcher, lambda: asyncio.gather(
+            *(batcher.submit(t) for t in tensors), return_exceptions=True))
+
+    results = asyncio.run(main())
+    assert isinstance(results[white], BatchFailed)
+    for i, result in enumerate(results):
+        if i == white:
+            continue
+        probs = softmax(tiny_logits(tensors[i][None]), axis=-1)[0]
+        expected = sorted(range(len(probs)), key=lambda c: (-probs[c], c))[:3]
+        assert result.class_ids == expected
+        np.testing.assert_allclose(result.scores, probs[expected], rtol=1e-4)

@@ -118,3 +118,12 @@ def test_real_efficientnet_classifies_sample_photos_end_to_end(settings, start_w
     top1 = {r["value"]["frame_index"]: r["value"]["classifications"][0]["class_id"] for r in verdicts}
     assert all(281 <= top1[i] <= 285 for i in range(3))  # chelsea: a domestic cat class
     assert all(top1[i] == 967 for i in range(3, 6))  # coffee: espresso
+
+
+def test_tail_prints_exactly_count_records(settings, tmp_path):
+    posts = tmp_path / "posts.jsonl"
+    posts.write_text("".join(json.dumps({"id": f"p{i}", "user_id": "u", "text": f"post {i}"}) + "\n" for i in range(6)))
+    assert cli(settings, "produce", "posts", str(posts)).returncode == 0
+    lines = cli(settings, "tail", "posts", "--count", "4", "--timeout", "20").stdout.splitlines()
+    assert len(lines) == 4
+    assert {json.loads(x)["id"] for x in lines} <= {f"p{i}" for i in range(6)}

@@ -32,3 +32,19 @@ def test_sigkill_mid_stream_then_restart_loses_no_frame(settings, start_worker, 
     assert dead == []
     # at-least-once: duplicates are allowed (and idempotent by key), losses are not
     assert len(verdicts) >= N
+
+
+def test_a_second_worker_takes_partitions_mid_stream_without_losing_frames(settings, start_worker, run):
+    settings = settings.replace(partitions=4)
+    n = 12000  # enough work that the first worker is still busy when the second has joined
+    expected = {f"cam-{i % 8}:{i}" for i in range(n)}
+    run(send_records(settings, FRAMES, [frame_record(f"cam-{i % 8}", i, frame_image(i % 50)) for i in range(n)]))
+
+    start_worker(settings)
+    collect(settings, VERDICTS, lambda rs: len(rs) >= 1, timeout_s=90)
+    start_worker(settings)  # joins the same group: a rebalance while records are in flight
+    verdicts = collect(settings, VERDICTS, lambda rs: ids(rs) >= expected, timeout_s=180)
+
+    assert ids(verdicts) == expected
+    workers = {r["value"]["worker"] for r in verdicts}
+    assert len(workers) == 2, f"both workers should have judged frames, saw {workers}"
