@@ -25,7 +25,7 @@ models: install
 
 # Embedded broker + worker + demo producer; prints verdicts as they arrive. Ctrl-C stops all.
 run: models
-	$(BIN)/inferstream demo
+	$(BIN)/inferstream demo --keep-running
 
 test: models
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -14,6 +14,7 @@ import faust
 
 from operators.classify import ImageClassifier
 from operators.model_repository import ModelRepository
+from streams import web
 from streams.config import Settings
 from streams.frames import FramePipeline, source_of
 from streams.ordered import OrderedAcker, Output
@@ -93,6 +94,7 @@ def build_worker_app(settings: Settings) -> faust.App:
     classifier = ImageClassifier(repo.load(settings.frames_model, providers=providers, intra_op_threads=threads))
     log.info("frames model %s on %s", classifier.model.ref, classifier.model.session.providers)
     frames = FramePipeline(settings, classifier)
+    web.install(app, web.WorkerState({"classifier": frames.model_info}))
 
     async def send(output: Output):
         return await app.producer.send(output.topic, output.key, output.value, None, None, output.headers)

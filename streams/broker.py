@@ -97,6 +97,7 @@ class EmbeddedBroker:
         self.process = subprocess.Popen(
             [binary, "broker", "--listener-url", url, "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C goes to us; we stop the broker last, after its clients
         )
         try:
             asyncio.run(wait_for_metadata(self.bootstrap, timeout_s))

@@ -95,13 +95,16 @@ def produce() -> None:
 @click.option("--encoding", type=click.Choice(["jpeg", "png", "raw"]), default="jpeg", show_default=True)
 @click.option("--max-frames", type=int, help="Stop after N frames.")
 @click.option("--skip-oversized", is_flag=True, help="Report and skip frames over the message limit instead of stopping.")
+@click.option("--realtime", type=float, default=None, is_flag=False, flag_value=1.0,
+              help="Pace frames by their timestamps like a live camera (optional speed factor, default 1.0).")
 @click.pass_context
-def produce_video_cmd(ctx, path, stream_id, fps, every, encoding, max_frames, skip_oversized) -> None:
+def produce_video_cmd(ctx, path, stream_id, fps, every, encoding, max_frames, skip_oversized, realtime) -> None:
     """Decode a video file with PyAV and publish sampled frames to `frames`."""
     from streams.produce import produce_video
 
     report = produce_video(_settings(ctx), path, stream_id, fps=fps, every=every, encoding=encoding,
-                           max_frames=max_frames, skip_oversized=skip_oversized, show_progress=sys.stderr.isatty())
+                           max_frames=max_frames, skip_oversized=skip_oversized, show_progress=sys.stderr.isatty(),
+                           realtime=realtime)
     click.echo(json.dumps(report.as_dict()))
 
 

@@ -7,13 +7,16 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from operators.video import write_video
+from operators.video import sample_frames, write_video
 from streams.broker import EmbeddedBroker, free_port
 from streams.config import Settings
 from streams.kafka import consumer, ensure_topics
@@ -52,14 +55,22 @@ def _line(verdict: dict) -> str:
             f"{model['name']}@{model['version']}  e2e {e2e} ms")
 
 
-async def _print_results(settings: Settings, expected: int, timeout_s: float) -> int:
+async def _print_results(settings: Settings, expected: int, timeout_s: float, then_forever: bool = False) -> int:
+    """Print verdicts and dead letters until `expected` arrived or the timeout; with `then_forever`,
+    keep printing new ones until Ctrl-C."""
     kafka = consumer(settings, settings.topic(VERDICTS), settings.topic(DEAD_LETTERS),
                      group_id=None, auto_offset_reset="earliest", enable_auto_commit=False)
     await kafka.start()
     seen = 0
+    announced = False
     deadline = time.monotonic() + timeout_s
     try:
-        while seen < expected and time.monotonic() < deadline:
+        while then_forever or (seen < expected and time.monotonic() < deadline):
+            if then_forever and seen >= expected and not announced:
+                announced = True
+                print(f"demo: {seen}/{expected} sample frames judged; broker and worker keep running "
+                      f"(publish more: INFERSTREAM_BROKER={settings.broker} INFERSTREAM_TOPIC_PREFIX={settings.topic_prefix} "
+                      "inferstream produce video FILE --stream-id ID). Ctrl-C stops everything.", flush=True)
             batch = await kafka.getmany(timeout_ms=500)
             for messages in batch.values():
                 for msg in messages:
@@ -74,6 +85,20 @@ async def _print_results(settings: Settings, expected: int, timeout_s: float) ->
     return seen
 
 
+def wait_ready(web_port: int, worker: subprocess.Popen, timeout_s: float) -> bool:
+    """Poll the worker's /ready endpoint until it answers 200 (or the worker dies, or time runs out)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and worker.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/ready", timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass  # not listening yet, or 503 while joining the group
+        time.sleep(0.5)
+    return False
+
+
 def run_demo(port: int = 9092, seconds: float = 6.0, keep_running: bool = False) -> int:
     WORK.mkdir(exist_ok=True)
     settings = Settings.load().replace(broker=f"127.0.0.1:{port}", topic_prefix="demo-", app_id="inferstream-demo")
@@ -86,20 +111,27 @@ def run_demo(port: int = 9092, seconds: float = 6.0, keep_running: bool = False)
             env = {**os.environ, "INFERSTREAM_BROKER": settings.broker, "INFERSTREAM_TOPIC_PREFIX": settings.topic_prefix,
                    "INFERSTREAM_APP_ID": settings.app_id, "INFERSTREAM_WEB_PORT": str(web_port)}
             log = open(WORK / "worker.log", "ab")  # noqa: SIM115
-            worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=env, stdout=log, stderr=log)
-            print(f"demo: worker started (log: {WORK / 'worker.log'}, web on 127.0.0.1:{web_port})", flush=True)
+            # own session: Ctrl-C reaches only the demo, which stops the worker before the broker
+            worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=env, stdout=log, stderr=log,
+                                      start_new_session=True)
+            print(f"demo: worker starting (log: {WORK / 'worker.log'}, http://127.0.0.1:{web_port}/ready)", flush=True)
             video = sample_video(WORK / "sample.mp4", seconds)
-            report = produce_video(settings, video, "demo-cam", every=1)
-            print(f"demo: published {report.sent} frames of {video} to {settings.topic('frames')}", flush=True)
-            seen = asyncio.run(_print_results(settings, report.sent, timeout_s=120))
-            print(f"demo: {seen}/{report.sent} frames judged", flush=True)
-            if keep_running:
-                print("demo: broker and worker keep running; Ctrl-C stops them", flush=True)
-                worker.wait()
-            return 0 if seen >= report.sent else 1
-        except KeyboardInterrupt:
-            print("\ndemo: stopping", flush=True)
-            return 130
+            if not wait_ready(web_port, worker, timeout_s=90):
+                print(f"demo: the worker did not become ready; see {WORK / 'worker.log'}", flush=True)
+                return 1
+            print(f"demo: worker ready; playing {video} into {settings.topic('frames')} as a live camera", flush=True)
+            expected = sum(1 for _ in sample_frames(video))
+            # publish in the background (paced like a camera) while verdicts print as they arrive
+            producer = threading.Thread(target=produce_video, args=(settings, video, "demo-cam"),
+                                        kwargs={"realtime": 1.0}, daemon=True)
+            producer.start()
+            seen = asyncio.run(_print_results(settings, expected, timeout_s=120, then_forever=keep_running))
+            producer.join(10)
+            print(f"demo: {seen}/{expected} frames judged", flush=True)
+            return 0 if seen >= expected else 1
+        except KeyboardInterrupt:  # the normal way to end `make run`
+            print("\ndemo: stopping the worker, then the broker", flush=True)
+            return 0 if keep_running else 130
         finally:
             if worker is not None and worker.poll() is None:
                 worker.terminate()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,14 +42,20 @@ class ProduceReport:
 _IN_FLIGHT = 500  # sends awaited in groups: fast, and every one is still confirmed
 
 
-async def _send_all(settings: Settings, topic: str, records: Iterable[tuple[bytes | None, bytes, list | None]],
-                    report: ProduceReport, progress: tqdm | None) -> None:
+Record = tuple[bytes | None, bytes, list | None, float | None]  # key, value, headers, due (s after start) or None
+
+
+async def _send_all(settings: Settings, topic: str, records: Iterable[Record], report: ProduceReport,
+                    progress: tqdm | None) -> None:
     await ensure_topics(settings)
     kafka = producer(settings)
     await kafka.start()
     try:
         pending = []
-        for key, value, headers in records:
+        started = time.monotonic()
+        for key, value, headers, due in records:
+            if due is not None:  # live pacing: wait without blocking the producer's network I/O
+                await asyncio.sleep(max(0.0, started + due - time.monotonic()))
             pending.append(await kafka.send(topic, value, key=key, headers=headers))
             if len(pending) >= _IN_FLIGHT:
                 await asyncio.gather(*pending)
@@ -71,8 +78,8 @@ def _progress(show: bool, unit: str, total: int | None = None) -> tqdm | None:
 def frame_records(settings: Settings, path: str | Path, stream_id: str, *, fps: float | None = None,
                   every: int | None = None, encoding: str = "jpeg", max_frames: int | None = None,
                   skip_oversized: bool = False, report: ProduceReport | None = None,
-                  warn: Callable[[str], None] = print):
-    """Decoded, sampled and encoded frames as (key, value, headers); raises ProduceError on an
+                  warn: Callable[[str], None] = print, realtime: float | None = None):
+    """Decoded, sampled and encoded frames as Records (due at pts / `realtime` when pacing); raises ProduceError on an
     oversized frame unless `skip_oversized` (then each refusal is reported through `warn`)."""
     report = report or ProduceReport()
     for frame in sample_frames(path, fps=fps, every=every, max_frames=max_frames):
@@ -90,18 +97,23 @@ def frame_records(settings: Settings, path: str | Path, stream_id: str, *, fps: 
             report.refused.append(reason)
             warn(f"refused: {reason}")
             continue
-        yield stream_id.encode(), value, headers
+        yield stream_id.encode(), value, headers, (frame.pts / realtime if realtime else None)
 
 
 def produce_video(settings: Settings, path: str | Path, stream_id: str, *, fps: float | None = None,
                   every: int | None = None, encoding: str = "jpeg", max_frames: int | None = None,
-                  skip_oversized: bool = False, show_progress: bool = False) -> ProduceReport:
+                  skip_oversized: bool = False, show_progress: bool = False,
+                  realtime: float | None = None) -> ProduceReport:
+    """Publish sampled frames; with `realtime` (a speed factor, 1.0 = as recorded) frames are paced by
+    their pts like a live camera instead of being sent as fast as they decode."""
     if not Path(path).is_file():
         raise ProduceError(f"no such video file: {path}")
+    if realtime is not None and realtime <= 0:
+        raise ProduceError("--realtime speed must be > 0")
     report = ProduceReport()
     records = frame_records(settings, path, stream_id, fps=fps, every=every, encoding=encoding,
                             max_frames=max_frames, skip_oversized=skip_oversized, report=report,
-                            warn=lambda m: tqdm.write(m, file=sys.stderr))
+                            warn=lambda m: tqdm.write(m, file=sys.stderr), realtime=realtime)
     progress = _progress(show_progress, "frame")
     try:
         asyncio.run(_send_all(settings, settings.topic(FRAMES), records, report, progress))
@@ -117,7 +129,7 @@ _JSONL_KINDS = {POSTS: (parse_post, "id"), EVENTS: (parse_event, "user_id")}
 
 def jsonl_records(kind: str, path: str | Path, skip_invalid: bool = False, report: ProduceReport | None = None,
                   warn: Callable[[str], None] = print):
-    """Validated (key, value, None) records from a JSONL file of `kind` (posts or events)."""
+    """Validated records (key, value, no headers, not paced) from a JSONL file of `kind` (posts or events)."""
     parse, key_field = _JSONL_KINDS[kind]
     report = report or ProduceReport()
     with open(path, encoding="utf-8") as fh:
@@ -133,7 +145,7 @@ def jsonl_records(kind: str, path: str | Path, skip_invalid: bool = False, repor
                 report.refused.append(reason)
                 warn(f"refused: {reason}")
                 continue
-            yield record[key_field].encode(), json.dumps(json.loads(line), ensure_ascii=False).encode(), None
+            yield record[key_field].encode(), json.dumps(json.loads(line), ensure_ascii=False).encode(), None, None
 
 
 def produce_jsonl(settings: Settings, kind: str, path: str | Path, skip_invalid: bool = False,
