@@ -127,3 +127,9 @@ def test_tail_prints_exactly_count_records(settings, tmp_path):
     lines = cli(settings, "tail", "posts", "--count", "4", "--timeout", "20").stdout.splitlines()
     assert len(lines) == 4
     assert {json.loads(x)["id"] for x in lines} <= {f"p{i}" for i in range(6)}
+
+
+def test_broker_without_a_binary_fails_with_one_line(settings):
+    result = cli(settings, "broker", "--port", str(free_port()), env_extra={"CALF_TANSU_BIN": "/nonexistent/tansu"}, timeout=30)
+    assert result.returncode == 1
+    assert "no tansu broker binary" in result.stderr and "Traceback" not in result.stderr
