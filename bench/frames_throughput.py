@@ -114,8 +114,11 @@ def main() -> int:
     work = ROOT / ".inferstream" / "bench"
     work.mkdir(parents=True, exist_ok=True)
     with EmbeddedBroker(port, log_path=work / "broker.log"):
+        # the same model alone in the policy, so pipeline and raw numbers are for one model
+        policy = work / "policy.yaml"
+        policy.write_text(json.dumps({"checks": {"objects": {"model": args.model, "input": "image", "labels": ["missile"]}}}))
         settings = Settings.load().replace(broker=f"127.0.0.1:{port}", topic_prefix="bench-", app_id="inferstream-bench",
-                                           frames_model=args.model, web_port=free_port(), data_dir=str(work / "data"))
+                                           policy=str(policy), web_port=free_port(), data_dir=str(work / "data"))
         asyncio.run(ensure_topics(settings))
         asyncio.run(publish(settings, frames[: args.frames], rate=None))
         log = open(work / "worker.log", "wb")  # noqa: SIM115

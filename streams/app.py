@@ -12,13 +12,14 @@ from pathlib import Path
 
 import faust
 
-from operators.classify import ImageClassifier
 from operators.model_repository import ModelRepository
+from operators.moderation import Moderator
+from operators.policy import Policy
 from streams import web
 from streams.config import Settings
-from streams.frames import FramePipeline, source_of
+from streams.moderation import ModerationPipeline, source_of
 from streams.ordered import OrderedAcker, Output
-from streams.schemas import FRAMES
+from streams.schemas import FRAMES, POSTS
 
 log = logging.getLogger(__name__)
 
@@ -84,30 +85,36 @@ def raw_topic(app: faust.App, settings: Settings, name: str) -> faust.TopicT:
                      key_serializer="raw", value_serializer="raw", partitions=settings.partitions)
 
 
-def build_worker_app(settings: Settings) -> faust.App:
-    """The app with every agent registered and its models loaded (loaded before the worker joins the
-    group, so no partition is held while a model is still loading)."""
-    app = create_app(settings)
-    repo = ModelRepository(settings.model_dir)
-    providers = tuple(p for p in settings.providers.split(",") if p) or None
-    threads = settings.intra_op_threads or None
-    classifier = ImageClassifier(repo.load(settings.frames_model, providers=providers, intra_op_threads=threads))
-    log.info("frames model %s on %s", classifier.model.ref, classifier.model.session.providers)
-    frames = FramePipeline(settings, classifier)
-    web.install(app, web.WorkerState({"classifier": frames.model_info}))
+def _ordered_agent(app: faust.App, settings: Settings, topic_name: str, handle, send):
+    """An agent over raw records of `topic_name` whose outputs are delivered before each ack."""
 
-    async def send(output: Output):
-        return await app.producer.send(output.topic, output.key, output.value, None, None, output.headers)
-
-    @app.agent(raw_topic(app, settings, FRAMES), name="frames")
-    async def classify_frames(stream):
-        acker = OrderedAcker(send, settings.max_in_flight, name="frames")
+    @app.agent(raw_topic(app, settings, topic_name), name=topic_name)
+    async def agent(stream):
+        acker = OrderedAcker(send, settings.max_in_flight, name=topic_name)
         delivering = asyncio.ensure_future(acker.run())
         try:
             async for event in stream.noack().events():
-                await acker.add(event, frames.handle(source_of(event)))
+                await acker.add(event, handle(source_of(event)))
         finally:
             await acker.drain(timeout_s=5.0)
             delivering.cancel()
 
+    return agent
+
+
+def build_worker_app(settings: Settings) -> faust.App:
+    """The app with every agent registered and its models loaded (loaded before the worker joins the
+    group, so no partition is held while a model is still loading)."""
+    app = create_app(settings)
+    providers = tuple(p for p in settings.providers.split(",") if p) or None
+    moderator = Moderator(ModelRepository(settings.model_dir), Policy.load(settings.policy), providers,
+                          settings.intra_op_threads or None)
+    moderation = ModerationPipeline(settings, moderator)
+    web.install(app, web.WorkerState(moderator.model_info))
+
+    async def send(output: Output):
+        return await app.producer.send(output.topic, output.key, output.value, None, None, output.headers)
+
+    _ordered_agent(app, settings, FRAMES, moderation.handle_frame, send)
+    _ordered_agent(app, settings, POSTS, moderation.handle_post, send)
     return app

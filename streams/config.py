@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
+REPO_POLICY = Path(__file__).resolve().parent.parent / "policies" / "default.yaml"
 SECRET_FIELDS = {"sasl_password", "api_token"}
 
 
@@ -45,7 +46,7 @@ class Settings:
     ssl_keyfile: str = ""
     # Models and inference
     model_dir: str = str(REPO_MODELS)
-    frames_model: str = "efficientnet-lite0"  # name or name@version
+    policy: str = str(REPO_POLICY)  # moderation policy: checks, models, thresholds
     providers: str = ""  # e.g. "cuda,cpu"; empty = each model config's own preference
     intra_op_threads: int = 0  # 0 = ONNX Runtime default
     decode_threads: int = 2

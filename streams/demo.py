@@ -20,10 +20,11 @@ from operators.video import sample_frames, write_video
 from streams.broker import EmbeddedBroker, free_port
 from streams.config import Settings
 from streams.kafka import consumer, ensure_topics
-from streams.produce import produce_video
+from streams.produce import produce_jsonl, produce_video
 from streams.schemas import DEAD_LETTERS, VERDICTS
 
 WORK = Path(".inferstream")
+SAMPLE_POSTS = Path(__file__).resolve().parent.parent / "samples" / "posts.jsonl"
 
 
 def sample_video(path: Path, seconds: float = 6.0, fps: int = 10, size: tuple[int, int] = (640, 480)) -> Path:
@@ -48,11 +49,40 @@ def sample_video(path: Path, seconds: float = 6.0, fps: int = 10, size: tuple[in
 
 
 def _line(verdict: dict) -> str:
-    top = ", ".join(f"{c['label']} {c['score']:.2f}" for c in verdict["classifications"][:3])
+    """One readable line per verdict: what was judged, safe or not and why, the evidence."""
+    status = "safe  " if verdict["safe"] else "UNSAFE"
+    why = ", ".join(f"{v['check']}:{v.get('label') or ','.join(v.get('types', []))} {v['score']:.2f}"
+                    for v in verdict["violations"])
+    evidence = []
+    if verdict.get("classifications"):
+        evidence.append(", ".join(f"{c['label']} {c['score']:.2f}" for c in verdict["classifications"][:3]))
+    if verdict.get("entities"):
+        evidence.append("entities " + ", ".join(f"{e['type']}={e['text']!r}" for e in verdict["entities"]))
+    for name, scores in verdict.get("scores", {}).items():
+        evidence.append(f"{name} " + " ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+    if verdict.get("detections"):
+        evidence.append("detected " + ", ".join(f"{d['label']} {d['score']:.2f}" for d in verdict["detections"]))
+    what = f"frame {verdict['id']}" if verdict["kind"] == "frame" else f"post  {verdict['id']}"
     e2e = verdict["latency_ms"]["end_to_end"]
-    model = verdict["models"]["classifier"]
-    return (f"verdict {verdict['id']:<14} pts {verdict['pts'] or 0:5.1f}s  {top:<60} "
-            f"{model['name']}@{model['version']}  e2e {e2e} ms")
+    return f"{what:<20} {status} {why:<40} | {' | '.join(evidence)}  ({e2e} ms)"
+
+
+def sample_posts(path: Path) -> Path:
+    """The repository's sample posts plus two with inline photos (one shows a rocket: 'missile')."""
+    import base64
+
+    from skimage import data
+
+    from operators.images import encode_image
+
+    lines = SAMPLE_POSTS.read_text().splitlines()
+    for pid, photo in (("p-2001", data.coffee()), ("p-2002", data.rocket())):
+        small = cv2.resize(photo, (320, int(320 * photo.shape[0] / photo.shape[1])), interpolation=cv2.INTER_AREA)
+        image = {"encoding": "jpeg", "data": base64.b64encode(encode_image(small, "jpeg")).decode()}
+        lines.append(json.dumps({"id": pid, "user_id": "u-90", "text": "look at this!", "image": image,
+                                 "created_at": "2026-11-25T11:00:00Z"}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 async def _print_results(settings: Settings, expected: int, timeout_s: float, then_forever: bool = False) -> int:
@@ -68,7 +98,7 @@ async def _print_results(settings: Settings, expected: int, timeout_s: float, th
         while then_forever or (seen < expected and time.monotonic() < deadline):
             if then_forever and seen >= expected and not announced:
                 announced = True
-                print(f"demo: {seen}/{expected} sample frames judged; broker and worker keep running "
+                print(f"demo: {seen}/{expected} sample frames and posts judged; broker and worker keep running "
                       f"(publish more: INFERSTREAM_BROKER={settings.broker} INFERSTREAM_TOPIC_PREFIX={settings.topic_prefix} "
                       "inferstream produce video FILE --stream-id ID). Ctrl-C stops everything.", flush=True)
             batch = await kafka.getmany(timeout_ms=500)
@@ -120,14 +150,17 @@ def run_demo(port: int = 9092, seconds: float = 6.0, keep_running: bool = False)
                 print(f"demo: the worker did not become ready; see {WORK / 'worker.log'}", flush=True)
                 return 1
             print(f"demo: worker ready; playing {video} into {settings.topic('frames')} as a live camera", flush=True)
-            expected = sum(1 for _ in sample_frames(video))
+            posts = sample_posts(WORK / "posts.jsonl")
+            report = produce_jsonl(settings, "posts", posts)
+            print(f"demo: published {report.sent} sample posts from {SAMPLE_POSTS.name} (+2 with photos)", flush=True)
+            expected = sum(1 for _ in sample_frames(video)) + report.sent
             # publish in the background (paced like a camera) while verdicts print as they arrive
             producer = threading.Thread(target=produce_video, args=(settings, video, "demo-cam"),
                                         kwargs={"realtime": 1.0}, daemon=True)
             producer.start()
             seen = asyncio.run(_print_results(settings, expected, timeout_s=120, then_forever=keep_running))
             producer.join(10)
-            print(f"demo: {seen}/{expected} frames judged", flush=True)
+            print(f"demo: {seen}/{expected} frames and posts judged", flush=True)
             return 0 if seen >= expected else 1
         except KeyboardInterrupt:  # the normal way to end `make run`
             print("\ndemo: stopping the worker, then the broker", flush=True)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
 from streams.broker import EmbeddedBroker, free_port
 from streams.config import Settings
@@ -42,6 +43,18 @@ def tiny_repo(tmp_path) -> Path:
     return root
 
 
+def write_policy(path: Path, checks: dict) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"checks": checks}))
+    return str(path)
+
+
+def image_policy(tmp_path: Path, model: str, labels=("class-0",), above=0.5) -> str:
+    """A policy with one image check: `labels` of `model` in its top 3 above `above` are violations."""
+    check = {"model": model, "input": "image", "labels": list(labels), "top_k": 3, "above": above}
+    return write_policy(tmp_path / f"policy-{model}.yaml", {"objects": check})
+
+
 @pytest.fixture
 def settings(broker, tiny_repo, tmp_path) -> Settings:
     """Settings for one test: unique topics and group, short group timings, the tiny model."""
@@ -49,7 +62,7 @@ def settings(broker, tiny_repo, tmp_path) -> Settings:
     return Settings(
         broker=broker.bootstrap, topic_prefix=f"t{tag}-", app_id=f"inferstream-test-{tag}", partitions=2,
         session_timeout_s=6, heartbeat_interval_s=2, commit_interval_s=0.5,
-        model_dir=str(tiny_repo), frames_model="tiny", data_dir=str(tmp_path / "data"), intra_op_threads=1,
+        model_dir=str(tiny_repo), policy=image_policy(tmp_path, "tiny"), data_dir=str(tmp_path / "data"), intra_op_threads=1,
     )
 
 

@@ -19,7 +19,7 @@ from skimage import data
 
 from operators.video import write_video
 from streams.broker import free_port
-from streams.config import REPO_MODELS
+from streams.config import REPO_MODELS, REPO_POLICY
 from streams.schemas import VERDICTS
 
 pytestmark = pytest.mark.integration
@@ -108,7 +108,7 @@ def test_tail_exits_1_when_count_is_not_reached(settings):
 
 
 def test_real_efficientnet_classifies_sample_photos_end_to_end(settings, start_worker, tmp_path):
-    settings = settings.replace(model_dir=str(REPO_MODELS), frames_model="efficientnet-lite0")
+    settings = settings.replace(model_dir=str(REPO_MODELS), policy=str(REPO_POLICY))
     video = photo_video(tmp_path / "v.mp4", [data.chelsea(), data.coffee()], frames_each=3, size=(448, 300))
     assert cli(settings, "produce", "video", str(video), "--stream-id", "pets").returncode == 0
     start_worker(settings)

@@ -30,10 +30,13 @@ def test_demo_prints_verdicts_and_ctrl_c_stops_broker_and_worker():
             lines.append(line)
             if "keep running" in line:
                 break
-        verdicts = [x for x in lines if x.startswith("verdict ")]
-        assert len(verdicts) == 20, "".join(lines)  # 2 s at 10 fps: every frame judged
-        assert any("Egyptian cat" in x or "tiger cat" in x or "tabby" in x for x in verdicts)
-        assert any("espresso" in x for x in verdicts)
+        frames = [x for x in lines if x.startswith("frame ")]
+        posts = [x for x in lines if x.startswith("post ")]
+        assert len(frames) == 20, "".join(lines)  # 2 s at 10 fps: every frame judged
+        assert len(posts) == 14, "".join(lines)  # the 12 sample posts + 2 with photos
+        assert any("Egyptian cat" in x or "tiger cat" in x or "tabby" in x for x in frames)
+        assert any("espresso" in x for x in frames)
+        assert any("UNSAFE forbidden_objects:missile" in x for x in frames)  # the rocket photo
 
         started = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import image_policy
 from kafka_helpers import collect, frame_image, frame_record, ids, send_records
 from tiny_models import tiny_logits
 
@@ -32,7 +33,11 @@ def test_every_frame_gets_one_verdict_with_the_models_top_k(settings, start_work
         expected = np.argsort(-probs, kind="stable")[:3].tolist()
         assert [c["class_id"] for c in v["classifications"]] == expected
         assert np.allclose([c["score"] for c in v["classifications"]], probs[expected], atol=1e-5)
-        assert v["models"]["classifier"]["name"] == "tiny" and v["models"]["classifier"]["version"] == "1"
+        assert v["models"]["objects"]["name"] == "tiny" and v["models"]["objects"]["version"] == "1"
+        # policy: class-0 in the top 3 above 0.5 is a violation
+        flagged = any(c["label"] == "class-0" and c["score"] > 0.5 for c in v["classifications"])
+        assert v["safe"] is (not flagged)
+        assert [x["label"] for x in v["violations"]] == (["class-0"] if flagged else [])
         assert v["latency_ms"]["end_to_end"] >= 0 and v["latency_ms"]["inference"] > 0
         assert v["source"]["topic"] == settings.topic(FRAMES)
 
@@ -76,8 +81,8 @@ def test_bad_frames_go_to_dead_letters_and_the_worker_keeps_going(settings, star
         assert v["key"] == "cam" and v["source"]["topic"] == settings.topic(FRAMES) and v["detail"]
 
 
-def test_a_model_failing_mid_batch_dead_letters_only_the_record_that_broke_it(settings, start_worker, run):
-    settings = settings.replace(frames_model="poisoned")
+def test_a_model_failing_mid_batch_dead_letters_only_the_record_that_broke_it(settings, start_worker, run, tmp_path):
+    settings = settings.replace(policy=image_policy(tmp_path, "poisoned"))
     images = [frame_image(i) for i in range(40)]
     images[17] = np.full_like(images[17], 255)  # pure white: the poisoned model's Gather goes out of range
     run(send_records(settings, FRAMES, [frame_record("cam", i, img) for i, img in enumerate(images)]))

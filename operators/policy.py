@@ -1,0 +1,138 @@
+"""Moderation policy: which model outputs count as violations. Pure data + rules, no models.
+
+A policy is a YAML file of named checks. Each check names a model (`name` or `name@version`), the
+input it reads (`text` or `image`) and its rule; the rule's shape follows the model's task:
+
+    checks:
+      toxicity:          {model: toxicity, input: text, label: toxic, above: 0.7}
+      pii:               {model: pii-ner, input: text, types: [PERSON, EMAIL, PHONE, ID], above: 0.5}
+      nsfw:              {model: nudenet-320n, input: image, labels: [FEMALE_BREAST_EXPOSED], above: 0.5}
+      forbidden_objects: {model: efficientnet-lite0, input: image, labels: [revolver, rifle], top_k: 3, above: 0.3}
+
+Rules by task (results are the operators' `as_dict()` forms):
+- text-classify: violation when the score of `label` is above `above`.
+- ner: entities of `types` scoring at least `above` are reported as sensitive; they are a violation
+  unless `violation: false` (report only).
+- detect: violation for each detection whose label is in `labels` and score is above `above`.
+- classify: violation when a label in `labels` is within the `top_k` and above `above`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+INPUTS = ("text", "image")
+_RULE_KEYS = {"label", "labels", "types", "above", "top_k", "violation"}
+
+
+class PolicyError(ValueError):
+    """A policy file that cannot be applied, and why."""
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    model: str
+    input: str
+    label: str | None = None
+    labels: frozenset[str] = frozenset()
+    types: frozenset[str] = frozenset()
+    above: float = 0.5
+    top_k: int = 5
+    violation: bool = True
+    required: bool = True
+
+    def evaluate(self, task: str, result: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """(violations, report) for one model result in its `as_dict()` form. The report holds what the
+        verdict shows for this check (scores, sensitive entities, detections, classifications)."""
+        rule = getattr(self, f"_{task.replace('-', '_')}", None)
+        if rule is None:
+            raise PolicyError(f"check {self.name!r}: no rule for task {task!r}")
+        return rule(result)
+
+    def _violation(self, score: float, **extra: Any) -> dict[str, Any]:
+        return {"check": self.name, "model": self.model, "score": round(float(score), 6), **extra}
+
+    def _text_classify(self, scores: dict[str, float]) -> tuple[list, dict]:
+        if self.label not in scores:
+            raise PolicyError(f"check {self.name!r}: model has no label {self.label!r} (has {sorted(scores)})")
+        score = scores[self.label]
+        violations = [self._violation(score, label=self.label)] if score > self.above else []
+        return violations, {"scores": {self.name: scores}}
+
+    def _ner(self, entities: list[dict[str, Any]]) -> tuple[list, dict]:
+        sensitive = [e for e in entities if (not self.types or e["type"] in self.types) and e["score"] >= self.above]
+        violations = []
+        if sensitive and self.violation:
+            violations = [self._violation(max(e["score"] for e in sensitive), types=sorted({e["type"] for e in sensitive}))]
+        return violations, {"entities": sensitive}
+
+    def _detect(self, detections: list[dict[str, Any]]) -> tuple[list, dict]:
+        hits = [d for d in detections if d["label"] in self.labels and d["score"] > self.above]
+        return [self._violation(d["score"], label=d["label"], box=d["box"]) for d in hits], {"detections": detections}
+
+    def _classify(self, classes: list[dict[str, Any]]) -> tuple[list, dict]:
+        hits = [c for c in classes[: self.top_k] if c["label"] in self.labels and c["score"] > self.above]
+        return [self._violation(c["score"], label=c["label"]) for c in hits], {"classifications": classes}
+
+
+@dataclass(frozen=True)
+class Policy:
+    checks: tuple[Check, ...]
+    source: str = "<inline>"
+    raw: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def for_input(self, kind: str) -> tuple[Check, ...]:
+        return tuple(c for c in self.checks if c.input == kind)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Policy:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise PolicyError(f"{path}: {exc}") from exc
+        return cls.from_dict(raw, str(path))
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: str = "<inline>") -> Policy:
+        if not isinstance(raw, dict) or not isinstance(raw.get("checks"), dict) or not raw["checks"]:
+            raise PolicyError(f"{source}: a policy needs a non-empty 'checks' mapping")
+        checks = []
+        for name, spec in raw["checks"].items():
+            if not isinstance(spec, dict):
+                raise PolicyError(f"{source}: check {name!r} must be a mapping")
+            unknown = set(spec) - _RULE_KEYS - {"model", "input", "required"}
+            if unknown:
+                raise PolicyError(f"{source}: check {name!r} has unknown keys {sorted(unknown)}")
+            if spec.get("input") not in INPUTS or not spec.get("model"):
+                raise PolicyError(f"{source}: check {name!r} needs 'model' and 'input' (one of {', '.join(INPUTS)})")
+            above = float(spec.get("above", 0.5))
+            if not 0.0 <= above <= 1.0:
+                raise PolicyError(f"{source}: check {name!r}: 'above' must be within [0, 1]")
+            checks.append(Check(
+                name=str(name), model=str(spec["model"]), input=spec["input"], label=spec.get("label"),
+                labels=frozenset(map(str, spec.get("labels", []))), types=frozenset(map(str, spec.get("types", []))),
+                above=above, top_k=int(spec.get("top_k", 5)), violation=bool(spec.get("violation", True)),
+                required=bool(spec.get("required", True)),
+            ))
+        return cls(tuple(checks), source, raw)
+
+
+def verdict_fields(policy_results: list[tuple[Check, str, Any]]) -> dict[str, Any]:
+    """Combine every check's (check, task, result) into the verdict's judgement fields."""
+    violations: list[dict[str, Any]] = []
+    body: dict[str, Any] = {"scores": {}, "entities": [], "detections": [], "classifications": []}
+    for check, task, result in policy_results:
+        found, report = check.evaluate(task, result)
+        violations.extend(found)
+        for key, value in report.items():
+            if isinstance(body[key], dict):
+                body[key].update(value)
+            else:
+                body[key].extend(value)
+    return {"safe": not violations, "violations": violations, **body}
