@@ -70,27 +70,31 @@ class Moderator:
     def __init__(self, repo: ModelRepository, policy: Policy, providers: tuple[str, ...] | None = None,
                  intra_op_threads: int | None = None) -> None:
         self.policy = policy
-        self.stages: dict[str, Stage] = {}
+        self.stages: dict[str, Stage] = {}  # keyed by resolved `name@version`: each model loaded once
+        self._stage_of: dict[str, str] = {}  # check name -> stage key
         for check in policy.checks:
-            if check.model in self.stages:
+            ref = repo.config(check.model).ref
+            self._stage_of[check.name] = ref
+            if ref in self.stages:
                 continue
-            model = repo.load(check.model, providers=providers, intra_op_threads=intra_op_threads)
+            model = repo.load(ref, providers=providers, intra_op_threads=intra_op_threads)
             operator = operator_for(model)
             cfg = model.config
             batcher = MicroBatcher(operator.run_batch, cfg.max_batch_size, cfg.max_wait_ms / 1000, name=cfg.ref)
-            self.stages[check.model] = Stage(check.model, model, operator, batcher)
+            self.stages[ref] = Stage(ref, model, operator, batcher)
             log.info("moderation model %s (%s) on %s", cfg.ref, cfg.task, model.session.providers)
 
     def models_for(self, kind: str) -> list[str]:
-        return list(dict.fromkeys(c.model for c in self.policy.for_input(kind)))
+        return list(dict.fromkeys(self._stage_of[c.name] for c in self.policy.for_input(kind)))
 
     @property
     def model_info(self) -> dict[str, dict[str, str]]:
         """check name -> the model (name, version, provider) that serves it."""
-        return {check.name: self.stages[check.model].info for check in self.policy.checks}
+        return {name: self.stages[ref].info for name, ref in self._stage_of.items()}
 
     def policy_model(self, check_name: str) -> str:
-        return next(c.model for c in self.policy.checks if c.name == check_name)
+        """The stage (resolved `name@version`) that serves a check; its key in judge() results."""
+        return self._stage_of[check_name]
 
     def prepare(self, text: str | None = None, image: np.ndarray | None = None) -> dict[str, Any]:
         """Per-record preprocessing for every model that reads this record's parts (CPU work: run it in
@@ -120,7 +124,11 @@ class Moderator:
 
     def judgement(self, results: dict[str, Any]) -> dict[str, Any]:
         """Policy over the results that are present (a post without an image skips the image checks)."""
-        applied = [(c, self.stages[c.model].model.config.task, results[c.model]) for c in self.policy.checks if c.model in results]
+        applied = []
+        for check in self.policy.checks:
+            ref = self._stage_of[check.name]
+            if ref in results:
+                applied.append((check, self.stages[ref].model.config.task, results[ref]))
         return verdict_fields(applied)
 
     async def close(self) -> None:
