@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent
 # name/version -> recipe module in models/recipes/
 RECIPES = {
     "efficientnet-lite0/1": "efficientnet_lite0",
+    "nudenet-320n/1": "nudenet_320n",
 }
 
 

@@ -15,7 +15,7 @@ import faust
 from operators.model_repository import ModelRepository
 from operators.moderation import Moderator
 from operators.policy import Policy
-from streams import web
+from streams import metrics, web
 from streams.config import Settings
 from streams.moderation import ModerationPipeline, source_of
 from streams.ordered import OrderedAcker, Output
@@ -90,7 +90,7 @@ def _ordered_agent(app: faust.App, settings: Settings, topic_name: str, handle, 
 
     @app.agent(raw_topic(app, settings, topic_name), name=topic_name)
     async def agent(stream):
-        acker = OrderedAcker(send, settings.max_in_flight, name=topic_name)
+        acker = OrderedAcker(send, settings.max_in_flight, name=settings.topic(topic_name))
         delivering = asyncio.ensure_future(acker.run())
         try:
             async for event in stream.noack().events():
@@ -102,6 +102,45 @@ def _ordered_agent(app: faust.App, settings: Settings, topic_name: str, handle, 
     return agent
 
 
+def _instrument(app: faust.App, moderator: Moderator) -> None:
+    """Model metrics from the batchers, and consumer lag from the fetch high watermark."""
+    for stage in moderator.stages.values():
+        cfg = stage.model.config
+        metrics.MODEL_INFO.labels(cfg.name, cfg.version, cfg.task, stage.model.session.provider).set(1)
+        metrics.MODEL_LOADS.labels(cfg.name, cfg.version, "ok").inc()
+        inference = metrics.INFERENCE.labels(cfg.name, cfg.version)
+        sizes = metrics.BATCH_SIZE.labels(cfg.name, cfg.version)
+
+        def on_batch(size: int, seconds: float, inference=inference, sizes=sizes) -> None:
+            inference.observe(seconds)
+            sizes.observe(size)
+
+        stage.batcher.on_batch = on_batch
+        metrics.QUEUE_DEPTH.labels(cfg.name, cfg.version).set_function(lambda b=stage.batcher: b.queue_depth)
+
+    reported: set = set()
+
+    @app.timer(interval=5.0)
+    async def report_lag() -> None:
+        # High watermark from fetch responses minus the committed offset. Measured on the embedded broker:
+        # its ListOffsets "latest" is wrong (end_offsets said 1 for 500 records) but fetch responses carry
+        # the right high watermark (500), so this works on tansu and on Apache Kafka alike.
+        consumer = app.consumer
+        current = set()
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            committed = consumer._committed_offset.get(tp)  # Faust keeps no public accessor
+            if highwater is None or committed is None:
+                continue
+            metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, highwater - committed))
+            current.add((tp.topic, str(tp.partition)))
+        for gone in reported - current:
+            metrics.CONSUMER_LAG.remove(*gone)
+        reported.clear()
+        reported.update(current)
+        metrics.LAG_AVAILABLE.set(1 if current else 0)
+
+
 def build_worker_app(settings: Settings) -> faust.App:
     """The app with every agent registered and its models loaded (loaded before the worker joins the
     group, so no partition is held while a model is still loading)."""
@@ -111,6 +150,7 @@ def build_worker_app(settings: Settings) -> faust.App:
                           settings.intra_op_threads or None)
     moderation = ModerationPipeline(settings, moderator)
     web.install(app, web.WorkerState(moderator.model_info))
+    _instrument(app, moderator)
 
     async def send(output: Output):
         return await app.producer.send(output.topic, output.key, output.value, None, None, output.headers)

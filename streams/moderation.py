@@ -20,6 +20,7 @@ from typing import Any
 from operators.errors import BadInput
 from operators.images import ImageLimits, decode_image
 from operators.moderation import ModelFailed, Moderator
+from streams import metrics
 from streams.config import Settings
 from streams.ordered import Output
 from streams.schemas import (
@@ -125,11 +126,12 @@ class ModerationPipeline:
                  started: float) -> Output:
         inference_ms = (time.perf_counter() - started) * 1000
         produced = now_ms()
+        judgement = self.moderator.judgement(results)
         verdict = {
             "schema": VERDICT_SCHEMA,
             "id": record_id,
             **fields,
-            **self.moderator.judgement(results),
+            **judgement,
             "models": {name: info for name, info in self.moderator.model_info.items()
                        if self.moderator.policy_model(name) in results},
             "latency_ms": {
@@ -140,9 +142,15 @@ class ModerationPipeline:
             "worker": WORKER_ID,
             "produced_at_ms": produced,
         }
+        metrics.VERDICTS.labels(fields["kind"], str(judgement["safe"]).lower()).inc()
+        for violation in judgement["violations"]:
+            metrics.VIOLATIONS.labels(violation["check"]).inc()
+        if source.timestamp_ms:
+            metrics.END_TO_END.labels(source.topic).observe(max(0, produced - source.timestamp_ms) / 1000)
         return Output(self.verdicts_topic, record_id.encode(), dumps(verdict))
 
     def _dead_letter(self, source: SourceRecord, reason: str, detail: str, stage: str) -> Output:
+        metrics.DEAD_LETTERS.labels(source.topic, reason).inc()
         return Output(self.dead_letters_topic, source.key, dumps(dead_letter(source, reason, detail, stage)))
 
     async def close(self) -> None:

@@ -23,6 +23,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from streams import metrics
+
 log = logging.getLogger(__name__)
 
 # Exit code when outputs cannot be delivered: the un-acked inputs are redelivered after a restart.
@@ -44,6 +46,7 @@ Send = Callable[[Output], Awaitable[Awaitable[Any]]]  # returns once buffered; t
 
 class OrderedAcker:
     def __init__(self, send: Send, max_in_flight: int = 256, max_flush: int = 1000, name: str = "agent") -> None:
+        """`name` is the source topic: the label of this acker's metrics."""
         self._send = send
         self._pending: deque[tuple[Any, asyncio.Future[list[Output]]]] = deque()
         self._slots = asyncio.Semaphore(max_in_flight)
@@ -62,6 +65,8 @@ class OrderedAcker:
         await self._slots.acquire()
         self._pending.append((event, asyncio.ensure_future(outputs)))
         self._wakeup.set()
+        metrics.RECORDS_CONSUMED.labels(self.name).inc()
+        metrics.IN_FLIGHT.labels(self.name).set(len(self._pending))
 
     async def run(self) -> None:
         """Deliver and ack forever. A delivery failure ends the process: acking would lose records,
@@ -84,15 +89,19 @@ class OrderedAcker:
         ready = [self._pending.popleft()]
         while self._pending and self._pending[0][1].done() and len(ready) < self._max_flush:
             ready.append(self._pending.popleft())
-        deliveries = []
+        deliveries, topics = [], []
         for _, outputs in ready:
             for output in outputs.result():
                 deliveries.append(await self._send(output))
+                topics.append(output.topic)
         await asyncio.gather(*deliveries)
         for event, _ in ready:
             event.ack()
             self._slots.release()
         self.delivered += len(ready)
+        for topic in topics:
+            metrics.RECORDS_PRODUCED.labels(topic).inc()
+        metrics.IN_FLIGHT.labels(self.name).set(len(self._pending))
 
     async def drain(self, timeout_s: float) -> None:
         """Wait (bounded) until everything added so far is delivered and acked; for graceful stops."""

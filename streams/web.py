@@ -1,5 +1,6 @@
 """Worker HTTP endpoints on Faust's own web server (one port per worker, no second server to run).
 
+- GET /metrics: Prometheus exposition (streams/metrics.py).
 - GET /health: the process serves requests (liveness).
 - GET /ready: models loaded, the worker has completed a group join, no rebalance in progress, and
   every agent is running (readiness; 503 with the failing checks otherwise).
@@ -11,6 +12,9 @@ from typing import Any
 
 import faust
 from faust.web import Request, Response, View
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from streams import metrics
 
 
 class WorkerState:
@@ -27,6 +31,11 @@ def install(app: faust.App, state: WorkerState) -> None:
     async def _assigned(sender, assigned, **kwargs) -> None:
         state.joined = True
         state.assigned_partitions = len(assigned)
+
+    @app.page("/metrics")
+    class Metrics(View):
+        async def get(self, request: Request) -> Response:
+            return self.bytes(generate_latest(metrics.REGISTRY), content_type=CONTENT_TYPE_LATEST.split(";")[0])
 
     @app.page("/health")
     class Health(View):

@@ -1,0 +1,44 @@
+"""Prometheus metrics of a worker, served at GET /metrics on the worker's web port.
+
+Conventions: units in names (`_seconds`, `_records`), counters end in `_total`, labels are bounded
+(topic, model, version, reason, check, partition): never a per-record or per-user label.
+Buckets cover a 1 ms text model and a 100 ms detector alike.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+RECORDS_CONSUMED = Counter("inferstream_records_consumed_total", "Input records read by agents",
+                           ["topic"], registry=REGISTRY)
+RECORDS_PRODUCED = Counter("inferstream_records_produced_total", "Output records delivered (acknowledged by the broker)",
+                           ["topic"], registry=REGISTRY)
+DEAD_LETTERS = Counter("inferstream_dead_letters_total", "Input records sent to dead-letters, by reason",
+                       ["topic", "reason"], registry=REGISTRY)
+VERDICTS = Counter("inferstream_verdicts_total", "Moderation verdicts by input kind and outcome",
+                   ["kind", "safe"], registry=REGISTRY)
+VIOLATIONS = Counter("inferstream_violations_total", "Policy violations by check", ["check"], registry=REGISTRY)
+END_TO_END = Histogram("inferstream_end_to_end_latency_seconds",
+                       "Input record timestamp to output produced", ["topic"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
+INFERENCE = Histogram("inferstream_inference_latency_seconds", "One batch through a model (session run + postprocess)",
+                      ["model", "version"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
+BATCH_SIZE = Histogram("inferstream_batch_size_records", "Records per model batch", ["model", "version"],
+                       buckets=BATCH_BUCKETS, registry=REGISTRY)
+QUEUE_DEPTH = Gauge("inferstream_batcher_queue_depth_records", "Records waiting for a model batch",
+                    ["model", "version"], registry=REGISTRY)
+IN_FLIGHT = Gauge("inferstream_in_flight_records", "Records consumed but not yet acked (decoding, inferring, delivering)",
+                  ["topic"], registry=REGISTRY)
+CONSUMER_LAG = Gauge("inferstream_consumer_lag_records",
+                     "High watermark minus position, per assigned partition (absent where it cannot be trusted)",
+                     ["topic", "partition"], registry=REGISTRY)
+LAG_AVAILABLE = Gauge("inferstream_consumer_lag_available", "1 when consumer lag is reported, 0 when it is not trustworthy "
+                      "on this broker", registry=REGISTRY)
+MODEL_INFO = Gauge("inferstream_model_info", "Loaded models (value 1) with their version and execution provider",
+                   ["model", "version", "task", "provider"], registry=REGISTRY)
+MODEL_LOADS = Counter("inferstream_model_loads_total", "Model load attempts by outcome", ["model", "version", "outcome"],
+                      registry=REGISTRY)

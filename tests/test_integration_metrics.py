@@ -1,0 +1,74 @@
+"""A running worker's /metrics, scraped and parsed with prometheus-client's own parser."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+from conftest import wait_until
+from kafka_helpers import collect, frame_image, frame_record, ids, send_records
+from prometheus_client.parser import text_string_to_metric_families
+
+from streams.schemas import FRAMES, VERDICTS
+
+pytestmark = pytest.mark.integration
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples, name, **labels) -> float | None:
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
+def test_worker_metrics_count_what_flowed_through_it(settings, start_worker, run):
+    n = 60
+    records = [frame_record("cam", i, frame_image(i)) for i in range(n)]
+    records.append((b"cam", b"not an image", records[0][2]))
+    run(send_records(settings, FRAMES, records))
+    worker = start_worker(settings)
+    collect(settings, VERDICTS, lambda rs: len(ids(rs)) >= n, timeout_s=90)
+    port = worker.settings.web_port
+    frames, verdicts = settings.topic(FRAMES), settings.topic(VERDICTS)
+
+    # counters are updated after delivery; the lag gauge every 5 s after a commit
+    assert wait_until(lambda: value(scrape(port), "inferstream_records_consumed_total", topic=frames) == n + 1, 20)
+    assert wait_until(lambda: value(scrape(port), "inferstream_consumer_lag_records", topic=frames, partition="0") == 0
+                      or value(scrape(port), "inferstream_consumer_lag_records", topic=frames, partition="1") == 0, 30)
+    m = scrape(port)
+    assert value(m, "inferstream_records_produced_total", topic=verdicts) == n
+    assert value(m, "inferstream_dead_letters_total", topic=frames, reason="image_decode_failed") == 1
+    assert value(m, "inferstream_end_to_end_latency_seconds_count", topic=frames) == n
+    assert value(m, "inferstream_batch_size_records_sum", model="tiny", version="1") == n  # every frame in one batch
+    assert value(m, "inferstream_batch_size_records_count", model="tiny", version="1") <= n
+    assert value(m, "inferstream_inference_latency_seconds_count", model="tiny", version="1") >= 1
+    assert value(m, "inferstream_model_info", model="tiny", version="1", task="classify", provider="CPUExecutionProvider") == 1
+    assert value(m, "inferstream_in_flight_records", topic=frames) == 0
+    safe = value(m, "inferstream_verdicts_total", kind="frame", safe="true") or 0
+    unsafe = value(m, "inferstream_verdicts_total", kind="frame", safe="false") or 0
+    assert safe + unsafe == n and (value(m, "inferstream_violations_total", check="objects") or 0) == unsafe
+    assert value(m, "inferstream_consumer_lag_available") == 1
+
+
+def test_ready_reports_models_and_group_membership(settings, start_worker, run):
+    worker = start_worker(settings)
+
+    def ready():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{worker.settings.web_port}/ready", timeout=2) as r:
+                return json.loads(r.read())
+        except OSError:
+            return None
+
+    assert wait_until(lambda: (ready() or {}).get("ready") is True, 60)
+    body = ready()
+    assert body["checks"] == {"models_loaded": True, "group_joined": True, "not_rebalancing": True, "agents_running": True}
+    assert body["models"]["objects"]["name"] == "tiny"
+    with urllib.request.urlopen(f"http://127.0.0.1:{worker.settings.web_port}/health", timeout=2) as r:
+        assert json.loads(r.read()) == {"status": "ok"}
