@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent
 RECIPES = {
     "efficientnet-lite0/1": "efficientnet_lite0",
     "nudenet-320n/1": "nudenet_320n",
+    "toxicity/1": "toxicity",
 }
 
 

@@ -145,6 +145,50 @@ def tail(ctx, topic, count, timeout_s, from_end, with_meta) -> None:
 
 
 @main.command()
+@click.option("--source", required=True, type=click.Choice(["posts", "frames"]), help="Topic to re-process.")
+@click.option("--from", "start", help="Range start: ISO-8601 time, OFFSET (every partition), P:O,P:O, or earliest (default).")
+@click.option("--to", "end", help="Range end (exclusive): ISO-8601 time, OFFSET, P:O,..., or latest (default: the end now).")
+@click.option("--output", required=True, help="Topic for the replayed verdicts (keys name the model versions).")
+@click.option("--model", "models", multiple=True, help="Pin NAME@VERSION for the checks that use NAME (repeatable).")
+@click.option("--policy", type=click.Path(exists=True, dir_okay=False), help="Policy file (default: INFERSTREAM_POLICY).")
+@click.option("--report", type=click.Path(dir_okay=False), help="Write a version-diff report (JSON) here.")
+@click.option("--compare-topic", help="Baseline verdicts for --report (default: the live verdicts topic).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Resume file (default: derived from the arguments).")
+@click.option("--restart", is_flag=True, help="Ignore an existing checkpoint and start over.")
+@click.option("--batch-size", default=64, show_default=True, help="Micro-batch size (replays are throughput-bound).")
+@click.option("--dead-letters", help="Topic for bad records (default: the dead-letters topic).")
+@click.option("--checkpoint-interval", default=1.0, show_default=True, help="Seconds between checkpoint writes.")
+@click.pass_context
+def replay(ctx, source, start, end, output, models, policy, report, compare_topic, checkpoint, restart, batch_size,
+           dead_letters, checkpoint_interval) -> None:
+    """Re-process a range of posts or frames with pinned models into OUTPUT, under no consumer group."""
+    from pathlib import Path
+
+    from streams.replay import ReplayError, ReplayOptions, parse_bound, run_replay
+    from streams.replay_report import compare, format_report, read_verdicts
+    from streams.schemas import VERDICTS
+
+    settings = _settings(ctx)
+    try:
+        options = ReplayOptions(source=source, output=output, start=parse_bound(start), end=parse_bound(end),
+                                policy=policy, models=tuple(models), checkpoint=Path(checkpoint) if checkpoint else None,
+                                restart=restart, batch_size=batch_size, progress=sys.stderr.isatty(),
+                                dead_letters=dead_letters, checkpoint_interval_s=checkpoint_interval)
+        summary = run_replay(settings, options)
+    except ReplayError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(json.dumps(summary))
+    if report:
+        baseline_topic = compare_topic or settings.topic(VERDICTS)
+        mine = [v for v in asyncio.run(read_verdicts(settings, output)) if v.get("replay", {}).get("run") == summary["run"]]
+        base = [v for v in asyncio.run(read_verdicts(settings, baseline_topic))
+                if compare_topic or "replay" not in v]  # the live topic's own verdicts only
+        result = {"replay": summary, "baseline_topic": baseline_topic, **compare(mine, base)}
+        Path(report).write_text(json.dumps(result, indent=2))
+        click.echo(format_report(result), err=True)
+
+
+@main.command()
 @click.option("--port", default=9092, show_default=True, help="Port of the embedded broker.")
 @click.option("--seconds", default=6.0, show_default=True, help="Length of the sample video.")
 @click.option("--keep-running", is_flag=True, help="Keep broker and worker up after the demo data.")

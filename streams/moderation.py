@@ -58,13 +58,21 @@ class _Stage:
 
 
 class ModerationPipeline:
-    def __init__(self, settings: Settings, moderator: Moderator) -> None:
+    """`verdicts_topic`/`dead_letters_topic` default to the live topics; a replay passes its own output
+    topic and `versioned_keys=True`, so its verdict keys name the model versions that produced them."""
+
+    def __init__(self, settings: Settings, moderator: Moderator, verdicts_topic: str | None = None,
+                 dead_letters_topic: str | None = None, versioned_keys: bool = False,
+                 extra: dict[str, Any] | None = None) -> None:
         self.settings = settings
         self.moderator = moderator
         self.limits = ImageLimits(settings.max_image_side, settings.max_image_pixels)
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
-        self.verdicts_topic = settings.topic(VERDICTS)
-        self.dead_letters_topic = settings.topic(DEAD_LETTERS)
+        self.verdicts_topic = verdicts_topic or settings.topic(VERDICTS)
+        self.dead_letters_topic = dead_letters_topic or settings.topic(DEAD_LETTERS)
+        refs = ",".join(sorted(f"{i['name']}@{i['version']}" for i in moderator.model_info.values()))
+        self.key_suffix = f"|{refs}" if versioned_keys else ""
+        self.extra = extra or {}
 
     async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -141,13 +149,14 @@ class ModerationPipeline:
             "source": source.coordinates(),
             "worker": WORKER_ID,
             "produced_at_ms": produced,
+            **self.extra,
         }
         metrics.VERDICTS.labels(fields["kind"], str(judgement["safe"]).lower()).inc()
         for violation in judgement["violations"]:
             metrics.VIOLATIONS.labels(violation["check"]).inc()
         if source.timestamp_ms:
             metrics.END_TO_END.labels(source.topic).observe(max(0, produced - source.timestamp_ms) / 1000)
-        return Output(self.verdicts_topic, record_id.encode(), dumps(verdict))
+        return Output(self.verdicts_topic, (record_id + self.key_suffix).encode(), dumps(verdict))
 
     def _dead_letter(self, source: SourceRecord, reason: str, detail: str, stage: str) -> Output:
         metrics.DEAD_LETTERS.labels(source.topic, reason).inc()

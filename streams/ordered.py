@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 # Exit code when outputs cannot be delivered: the un-acked inputs are redelivered after a restart.
 EXIT_DELIVERY_FAILED = 75
+DELIVERY_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -54,19 +55,22 @@ class OrderedAcker:
         self._max_flush = max_flush
         self.name = name
         self.delivered = 0
+        self._unacked = 0  # added but not yet acked: pending, or popped and being delivered
 
     @property
     def in_flight(self) -> int:
-        return len(self._pending)
+        """Events added and not yet acked (including the ones whose outputs are being delivered now)."""
+        return self._unacked
 
     async def add(self, event: Any, outputs: Awaitable[list[Output]]) -> None:
         """Register `event` (anything with `.ack()`) and the awaitable of its outputs, in consume order.
         Waits while `max_in_flight` events are pending: back-pressure on consumption."""
         await self._slots.acquire()
         self._pending.append((event, asyncio.ensure_future(outputs)))
+        self._unacked += 1
         self._wakeup.set()
         metrics.RECORDS_CONSUMED.labels(self.name).inc()
-        metrics.IN_FLIGHT.labels(self.name).set(len(self._pending))
+        metrics.IN_FLIGHT.labels(self.name).set(self._unacked)
 
     async def run(self) -> None:
         """Deliver and ack forever. A delivery failure ends the process: acking would lose records,
@@ -89,23 +93,36 @@ class OrderedAcker:
         ready = [self._pending.popleft()]
         while self._pending and self._pending[0][1].done() and len(ready) < self._max_flush:
             ready.append(self._pending.popleft())
-        deliveries, topics = [], []
-        for _, outputs in ready:
-            for output in outputs.result():
-                deliveries.append(await self._send(output))
-                topics.append(output.topic)
-        await asyncio.gather(*deliveries)
+        outputs = [output for _, outs in ready for output in outs.result()]
+        await self._deliver(outputs)
+        topics = [output.topic for output in outputs]
         for event, _ in ready:
             event.ack()
             self._slots.release()
+        self._unacked -= len(ready)
         self.delivered += len(ready)
         for topic in topics:
             metrics.RECORDS_PRODUCED.labels(topic).inc()
-        metrics.IN_FLIGHT.labels(self.name).set(len(self._pending))
+        metrics.IN_FLIGHT.labels(self.name).set(self._unacked)
+
+    async def _deliver(self, outputs: list[Output]) -> None:
+        """Send all, await every acknowledgement; re-send the ones that failed with a retriable error
+        (e.g. NotLeaderForPartition right after a topic is created). Anything else raises."""
+        for attempt in range(DELIVERY_ATTEMPTS):
+            results = await asyncio.gather(*[await self._send(o) for o in outputs], return_exceptions=True)
+            failed = [(o, r) for o, r in zip(outputs, results, strict=True) if isinstance(r, BaseException)]
+            if not failed:
+                return
+            fatal = [r for _, r in failed if not getattr(r, "retriable", False)]
+            if fatal or attempt == DELIVERY_ATTEMPTS - 1:
+                raise (fatal or [failed[0][1]])[0]
+            log.warning("%s: %d deliveries failed (%s); retrying", self.name, len(failed), failed[0][1])
+            outputs = [o for o, _ in failed]
+            await asyncio.sleep(0.2 * (attempt + 1))
 
     async def drain(self, timeout_s: float) -> None:
         """Wait (bounded) until everything added so far is delivered and acked; for graceful stops."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while self._pending and loop.time() < deadline:
+        while self._unacked and loop.time() < deadline:
             await asyncio.sleep(0.01)

@@ -238,3 +238,54 @@ def test_failed_delivery_exits_without_acking():
     code, acks = asyncio.run(main())
     assert code == EXIT_DELIVERY_FAILED
     assert acks == []
+
+
+async def _ready(outputs: list[Output]) -> list[Output]:
+    return outputs
+
+
+def test_a_retriable_delivery_error_is_retried_and_then_acked():
+    from aiokafka.errors import NotLeaderForPartitionError
+
+    acks: list[str] = []
+    attempts: list[bytes] = []
+
+    async def flaky_send(output: Output):
+        attempts.append(output.key)
+        delivery = asyncio.get_running_loop().create_future()
+        if attempts.count(output.key) == 1 and output.key == b"b":
+            delivery.set_exception(NotLeaderForPartitionError())  # a fresh topic's leader is not known yet
+        else:
+            delivery.set_result(None)
+        return delivery
+
+    async def scenario():
+        acker = OrderedAcker(flaky_send, max_in_flight=8)
+        runner = asyncio.ensure_future(acker.run())
+        for name in "abc":
+            await acker.add(FakeEvent(name, acks), _ready([_out(name)]))
+        while acker.in_flight:
+            await asyncio.sleep(0.01)
+        runner.cancel()
+
+    asyncio.run(scenario())
+    assert acks == ["a", "b", "c"]
+    assert attempts.count(b"b") == 2 and attempts.count(b"a") == 1
+
+
+def test_a_non_retriable_delivery_error_acks_nothing_and_exits():
+    acks: list[str] = []
+
+    async def broken_send(output: Output):
+        delivery = asyncio.get_running_loop().create_future()
+        delivery.set_exception(ValueError("record too large"))
+        return delivery
+
+    async def scenario():
+        acker = OrderedAcker(broken_send, max_in_flight=8)
+        await acker.add(FakeEvent("a", acks), _ready([_out("a")]))
+        await acker.run()
+
+    with pytest.raises(ProcessExit) as exit_info:
+        asyncio.run(scenario())
+    assert exit_info.value.args == (EXIT_DELIVERY_FAILED,) and acks == []

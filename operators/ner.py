@@ -1,0 +1,187 @@
+"""Token classification (NER): preprocess -> (session) -> postprocess.
+
+The model labels every sub-word token; a word takes the label of its first sub-token (how the model
+is trained: the other sub-tokens are -100 in the loss), words are decoded from BIO or BIOES tags into
+entities with seqeval's lenient rules (an I- without a B- starts an entity, a type change ends one),
+and each entity is a character span of the ORIGINAL string.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from operators.classify import softmax
+from operators.model_repository import ModelConfigError
+from operators.text import score_output
+from operators.tokens import TextPreprocess, TextTokenizer, TokenizedText, check_text, check_token_inputs
+
+SCHEMES = {"BIO": frozenset("BI"), "BIOES": frozenset("BIES")}
+POSTPROCESS_KEYS = {"scheme", "softmax", "output"}
+
+
+@dataclass(frozen=True)
+class Entity:
+    """One entity: `text == original[start:end]`, offsets in characters (Python str positions)."""
+
+    type: str
+    text: str
+    start: int
+    end: int  # exclusive
+    score: float  # mean probability of the entity's labelled (first sub-word) tokens
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "text": self.text, "start": self.start, "end": self.end, "score": round(self.score, 6)}
+
+
+@dataclass(frozen=True)
+class Entities:
+    """The entities of one text, in text order."""
+
+    entities: tuple[Entity, ...]
+    truncated: bool = False  # the model saw only the first max_length tokens
+
+    def __iter__(self) -> Iterator[Entity]:
+        return iter(self.entities)
+
+    def __len__(self) -> int:
+        return len(self.entities)
+
+    def __getitem__(self, i: int) -> Entity:
+        return self.entities[i]
+
+    def as_dict(self) -> list[dict[str, Any]]:
+        return [e.as_dict() for e in self.entities]
+
+
+def split_tag(tag: str) -> tuple[str, str]:
+    """'B-PERSON' -> ('B', 'PERSON'); 'O' -> ('O', '')."""
+    prefix, _, kind = tag.partition("-")
+    return (prefix, kind) if tag != "O" else ("O", "")
+
+
+def check_tags(tags: Sequence[str], scheme: str) -> None:
+    """Every tag must be O or `<prefix>-<TYPE>` with a prefix of the scheme."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, not {scheme!r}")
+    bad = [t for t in tags if t != "O" and (split_tag(t)[0] not in SCHEMES[scheme] or not split_tag(t)[1])]
+    if bad:
+        raise ValueError(f"tags not in the {scheme} scheme: {bad}")
+
+
+def decode_tags(tags: Sequence[str]) -> list[tuple[str, int, int]]:
+    """BIO or BIOES tags of words -> (type, first word, last word + 1) spans.
+
+    Invalid sequences follow seqeval's `get_entities` (the conlleval rules): an I- or E- that does not
+    continue an entity of its type starts one, a change of type ends one, E- and S- end one.
+
+    >>> decode_tags(["B-PER", "I-PER", "O", "I-LOC", "S-ORG", "E-ORG"])
+    [('PER', 0, 2), ('LOC', 3, 4), ('ORG', 4, 5), ('ORG', 5, 6)]
+    """
+    spans: list[tuple[str, int, int]] = []
+    start, prev, prev_kind = 0, "O", ""
+    for i, tag in enumerate([*tags, "O"]):
+        prefix, kind = split_tag(tag)
+        ends = prev in ("E", "S") or (prev in ("B", "I") and prefix in ("B", "S", "O")) or (prev != "O" and kind != prev_kind)
+        starts = (prefix in ("B", "S") or (prev in ("E", "S", "O") and prefix in ("I", "E"))
+                  or (prefix != "O" and kind != prev_kind))
+        if ends and prev != "O":
+            spans.append((prev_kind, start, i))
+        if starts:
+            start = i
+        prev, prev_kind = prefix, kind
+    return spans
+
+
+def aggregate_words(word_ids: np.ndarray, offsets: np.ndarray, label_ids: np.ndarray, probs: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sub-word tokens -> words, each labelled by its first sub-token.
+
+    word_ids: (T,) int64, -1 for special tokens; offsets: (T, 2) character spans; label_ids: (T,)
+    best class per token; probs: (T,) its probability. Returns (W,) label ids, (W,) probabilities and
+    (W, 2) character spans from the first sub-token's start to the last one's end, in word order.
+    """
+    real = np.flatnonzero(word_ids >= 0)
+    _, first = np.unique(word_ids[real], return_index=True)
+    last = len(real) - 1 - np.unique(word_ids[real][::-1], return_index=True)[1]
+    first, last = real[first], real[last]
+    return label_ids[first], probs[first], np.stack([offsets[first, 0], offsets[last, 1]], axis=1)
+
+
+def _end_of_cluster(text: str, end: int) -> int:
+    """Move `end` past combining marks that follow it: the tokenizer strips accents and vowel signs
+    (NFD "José", Hindi "नमस्ते", "❤️"), so its offsets can stop before them."""
+    while end < len(text) and unicodedata.category(text[end]).startswith("M"):
+        end += 1
+    return end
+
+
+def entities_from_words(text: str, tags: Sequence[str], probs: np.ndarray, spans: np.ndarray) -> list[Entity]:
+    """Word tags (W,), their probabilities (W,) and character spans (W, 2) -> entities of `text`."""
+    found = []
+    for kind, first, stop in decode_tags(tags):
+        start, end = int(spans[first, 0]), _end_of_cluster(text, int(spans[stop - 1, 1]))
+        found.append(Entity(kind, text[start:end], start, end, float(np.mean(probs[first:stop]))))
+    return found
+
+
+class TokenClassifier:
+    """One NER model's three stages. `preprocess` tokenizes one text (in a worker thread) and raises
+    BadInput; `run_batch` runs the session once per length bucket and decodes entities."""
+
+    def __init__(self, model) -> None:  # model: operators.model_repository.LoadedModel
+        self.model = model
+        cfg = model.config
+        try:
+            self.pre = TextPreprocess.from_config(cfg.preprocess)
+        except (TypeError, ValueError) as exc:
+            raise ModelConfigError(f"{cfg.ref}: {exc}") from exc
+        unknown = set(cfg.postprocess) - POSTPROCESS_KEYS
+        if unknown:
+            raise ModelConfigError(f"{cfg.ref}: unknown ner postprocess keys {sorted(unknown)}")
+        if self.pre.input != "tokens" or self.pre.lowercase:
+            raise ModelConfigError(f"{cfg.ref}: a ner model reads tokens of the original text")
+        self.scheme = str(cfg.postprocess.get("scheme", "BIO")).upper()
+        self.apply_softmax = bool(cfg.postprocess.get("softmax", True))
+        self.output = score_output(model, cfg.postprocess)
+        self.tags = list(model.labels)
+        if not self.tags and (cfg.directory / "labels.json").is_file():
+            self.tags = [str(t) for t in json.loads((cfg.directory / "labels.json").read_text())]
+        try:
+            check_tags(self.tags, self.scheme)
+        except ValueError as exc:
+            raise ModelConfigError(f"{cfg.ref}: {exc}") from exc
+        spec = next(o for o in model.session.outputs if o.name == self.output)
+        num_labels = spec.shape[-1] if len(spec.shape) == 3 else None
+        if not self.tags or (isinstance(num_labels, int) and num_labels != len(self.tags)):
+            raise ModelConfigError(f"{cfg.ref}: {len(self.tags)} tags in labels.json but the model outputs {num_labels}")
+        check_token_inputs(model.session.inputs, cfg.ref)
+        self.tokenizer = TextTokenizer.for_model(cfg.directory, self.pre)
+
+    def preprocess(self, text: object) -> TokenizedText:
+        return self.tokenizer.encode(check_text(text, self.pre.max_chars))
+
+    def run_batch(self, items: list[TokenizedText]) -> list[Entities]:
+        results: list[Entities | None] = [None] * len(items)
+        for indices, batch in self.tokenizer.batches(items, self.pre.call_cost_tokens):
+            logits = self.model.session.run(batch.feeds(self.model.session.inputs), [self.output])[self.output]
+            if logits.shape[:2] != batch.input_ids.shape or logits.shape[2] != len(self.tags):
+                raise ValueError(f"{self.model.ref}: expected {(*batch.input_ids.shape, len(self.tags))} logits, got {logits.shape}")
+            if not np.all(np.isfinite(logits)):
+                raise FloatingPointError("model produced non-finite token scores")
+            probs = softmax(logits.astype(np.float64)) if self.apply_softmax else logits.astype(np.float64)
+            label_ids = probs.argmax(axis=-1)  # (n, L)
+            best = np.take_along_axis(probs, label_ids[..., None], axis=-1)[..., 0]
+            for row, i in enumerate(indices):
+                results[i] = self._entities(items[i], label_ids[row, : len(items[i])], best[row, : len(items[i])])
+        return results
+
+    def _entities(self, item: TokenizedText, label_ids: np.ndarray, probs: np.ndarray) -> Entities:
+        word_labels, word_probs, spans = aggregate_words(item.word_ids, item.offsets, label_ids, probs)
+        tags = [self.tags[k] for k in word_labels]
+        return Entities(tuple(entities_from_words(item.text, tags, word_probs, spans)), item.truncated)

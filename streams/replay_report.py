@@ -1,0 +1,130 @@
+"""Version-diff report of a replay: its verdicts against a baseline (the live verdicts, or another
+replay's), record by record, matched by verdict id."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from typing import Any
+
+from aiokafka import TopicPartition
+
+from streams.config import Settings
+from streams.kafka import consumer
+
+
+async def read_verdicts(settings: Settings, topic: str, timeout_s: float = 30.0) -> list[dict[str, Any]]:
+    """Every verdict on `topic` up to its high watermark now (no consumer group)."""
+    kafka = consumer(settings, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest")
+    await kafka.start()
+    try:
+        partitions = sorted(kafka.partitions_for_topic(topic) or [])
+        if not partitions:
+            await kafka._client.force_metadata_update()
+            partitions = sorted(kafka.partitions_for_topic(topic) or [])
+        tps = [TopicPartition(topic, p) for p in partitions]
+        if not tps:
+            return []
+        from streams.replay import _high_watermarks  # same end rule as the replay itself
+
+        kafka.assign(tps)
+        ends = await _high_watermarks(kafka, tps, timeout_s)
+        for tp in tps:
+            kafka.seek(tp, (await kafka.beginning_offsets([tp]))[tp])
+        verdicts: list[dict[str, Any]] = []
+        active = [tp for tp in tps if ends[tp.partition] > 0]
+        while active:
+            batch = await kafka.getmany(*active, timeout_ms=500)
+            for tp, records in batch.items():
+                verdicts.extend(json.loads(r.value) for r in records if r.offset < ends[tp.partition])
+            active = [tp for tp in active if (await kafka.position(tp)) < ends[tp.partition]]
+        return verdicts
+    finally:
+        await kafka.stop()
+
+
+def _violation_scores(verdict: dict[str, Any]) -> dict[str, float]:
+    best: dict[str, float] = {}
+    for v in verdict.get("violations", []):
+        best[v["check"]] = max(best.get(v["check"], 0.0), v["score"])
+    return best
+
+
+def _entities(verdict: dict[str, Any]) -> set[tuple[str, int, int]]:
+    return {(e["type"], e["start"], e["end"]) for e in verdict.get("entities", [])}
+
+
+def compare(replayed: list[dict[str, Any]], baseline: list[dict[str, Any]], top: int = 20) -> dict[str, Any]:
+    """Agreement, flips per check, score deltas and entity differences between two verdict sets."""
+    base = {v["id"]: v for v in baseline}  # later verdicts for the same id win (redeliveries)
+    mine = {v["id"]: v for v in replayed}
+    compared = [i for i in mine if i in base]
+    flips = Counter()
+    by_check: dict[str, dict[str, Any]] = defaultdict(lambda: {"added": 0, "removed": 0, "deltas": []})
+    label_deltas: dict[str, list[float]] = defaultdict(list)
+    entity_added, entity_removed, entity_records = Counter(), Counter(), 0
+    disagreements = []
+    for i in compared:
+        new, old = mine[i], base[i]
+        if old["safe"] and not new["safe"]:
+            flips["safe_to_unsafe"] += 1
+        elif new["safe"] and not old["safe"]:
+            flips["unsafe_to_safe"] += 1
+        new_v, old_v = _violation_scores(new), _violation_scores(old)
+        for check in set(new_v) | set(old_v):
+            stats = by_check[check]
+            stats["added"] += check in new_v and check not in old_v
+            stats["removed"] += check in old_v and check not in new_v
+            stats["deltas"].append(abs(new_v.get(check, 0.0) - old_v.get(check, 0.0)))
+        deltas = []
+        for check, scores in new.get("scores", {}).items():
+            for label, score in scores.items():
+                delta = abs(score - old.get("scores", {}).get(check, {}).get(label, 0.0))
+                label_deltas[f"{check}:{label}"].append(delta)
+                deltas.append(delta)
+        new_e, old_e = _entities(new), _entities(old)
+        if new_e != old_e:
+            entity_records += 1
+            entity_added.update(t for t, _, _ in new_e - old_e)
+            entity_removed.update(t for t, _, _ in old_e - new_e)
+        changed = sorted(set(new_v) ^ set(old_v))
+        largest = max(deltas + [abs(new_v.get(c, 0.0) - old_v.get(c, 0.0)) for c in set(new_v) | set(old_v)], default=0.0)
+        if new["safe"] != old["safe"] or changed or largest > 0:
+            disagreements.append({"id": i, "baseline_safe": old["safe"], "replay_safe": new["safe"],
+                                  "checks_changed": changed, "max_score_delta": round(largest, 6)})
+    disagreements.sort(key=lambda d: (d["baseline_safe"] == d["replay_safe"], -d["max_score_delta"], d["id"]))
+    agree = sum(mine[i]["safe"] == base[i]["safe"] for i in compared)
+
+    def summary(values: list[float]) -> dict[str, float]:
+        return {"mean_abs": round(sum(values) / len(values), 6), "max_abs": round(max(values), 6)} if values else {}
+
+    return {
+        "replayed": len(mine), "compared": len(compared), "missing_in_baseline": len(mine) - len(compared),
+        "agreement": round(agree / len(compared), 6) if compared else None,
+        "flips": {"safe_to_unsafe": flips["safe_to_unsafe"], "unsafe_to_safe": flips["unsafe_to_safe"]},
+        "by_check": {c: {"violations_added": s["added"], "violations_removed": s["removed"],
+                         "score_delta": summary(s["deltas"])} for c, s in sorted(by_check.items())},
+        "score_deltas": {k: summary(v) for k, v in sorted(label_deltas.items())},
+        "entities": {"records_differing": entity_records, "added": dict(entity_added), "removed": dict(entity_removed)},
+        "top_disagreements": disagreements[:top],
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"compared {report['compared']} of {report['replayed']} replayed verdicts "
+             f"({report['missing_in_baseline']} had no baseline)"]
+    if report["agreement"] is not None:
+        lines.append(f"agreement on safe/unsafe: {report['agreement']:.1%}")
+    f = report["flips"]
+    lines.append(f"flips: safe -> unsafe {f['safe_to_unsafe']}, unsafe -> safe {f['unsafe_to_safe']}")
+    for check, s in report["by_check"].items():
+        delta = s["score_delta"]
+        lines.append(f"  {check}: +{s['violations_added']} / -{s['violations_removed']} violations"
+                     + (f", score delta mean {delta['mean_abs']:.4f} max {delta['max_abs']:.4f}" if delta else ""))
+    e = report["entities"]
+    if e["records_differing"]:
+        lines.append(f"entities differ on {e['records_differing']} records (added {e['added']}, removed {e['removed']})")
+    for d in report["top_disagreements"][:10]:
+        lines.append(f"  {d['id']}: {'safe' if d['baseline_safe'] else 'UNSAFE'} -> {'safe' if d['replay_safe'] else 'UNSAFE'}"
+                     f" {' '.join(d['checks_changed'])} (max delta {d['max_score_delta']:.4f})")
+    return "\n".join(lines)
