@@ -78,8 +78,11 @@ def worker(ctx: click.Context, web_port: int | None) -> None:
         settings = settings.replace(web_port=web_port)
     asyncio.run(wait_for_metadata(settings.broker, 30, settings.kafka_client_options()))
     asyncio.run(ensure_topics(settings))
+    from streams.logs import logging_config
+
     app = build_worker_app(settings)
-    faust.Worker(app, loglevel=settings.log_level.upper(), quiet=True).execute_from_commandline()
+    faust.Worker(app, loglevel=settings.log_level.upper(), quiet=True,
+                 logging_config=logging_config(settings.log_level, settings.log_format)).execute_from_commandline()
 
 
 @main.group()

@@ -59,6 +59,7 @@ class Settings:
     web_host: str = "127.0.0.1"
     data_dir: str = ".inferstream"
     log_level: str = "info"
+    log_format: str = "text"  # text | json (one JSON object per line, with record coordinates)
     api_token: str = ""
 
     @classmethod

@@ -22,6 +22,7 @@ from operators.images import ImageLimits, decode_image
 from operators.moderation import ModelFailed, Moderator
 from streams import metrics
 from streams.config import Settings
+from streams.logs import record_fields
 from streams.ordered import Output
 from streams.schemas import (
     DEAD_LETTERS,
@@ -127,7 +128,7 @@ class ModerationPipeline:
         except ModelFailed as exc:
             return [self._dead_letter(source, "inference_failed", str(exc), stage.name)]
         except Exception as exc:  # a bug, not bad input: still never lose the record
-            log.exception("%s/%s@%s failed in %s", source.topic, source.partition, source.offset, stage.name)
+            log.exception("record failed in %s: %s", stage.name, exc, extra=record_fields(source, stage=stage.name))
             return [self._dead_letter(source, "internal_error", f"{type(exc).__name__}: {exc}", stage.name)]
 
     def _verdict(self, source: SourceRecord, record_id: str, fields: dict[str, Any], results: dict[str, Any],
@@ -160,6 +161,7 @@ class ModerationPipeline:
 
     def _dead_letter(self, source: SourceRecord, reason: str, detail: str, stage: str) -> Output:
         metrics.DEAD_LETTERS.labels(source.topic, reason).inc()
+        log.warning("dead letter: %s: %s", reason, detail, extra=record_fields(source, reason=reason, stage=stage))
         return Output(self.dead_letters_topic, source.key, dumps(dead_letter(source, reason, detail, stage)))
 
     async def close(self) -> None:

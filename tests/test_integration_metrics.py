@@ -72,3 +72,26 @@ def test_ready_reports_models_and_group_membership(settings, start_worker, run):
     assert body["models"]["objects"]["name"] == "tiny"
     with urllib.request.urlopen(f"http://127.0.0.1:{worker.settings.web_port}/health", timeout=2) as r:
         assert json.loads(r.read()) == {"status": "ok"}
+
+
+def test_json_logs_carry_record_coordinates_of_dead_letters(settings, start_worker, run):
+    good = frame_record("cam", 0, frame_image(0))
+    run(send_records(settings, FRAMES, [(b"cam", b"not an image", good[2]), good]))
+    worker = start_worker(settings.replace(log_format="json"))
+    collect(settings, VERDICTS, lambda rs: len(rs) >= 1, timeout_s=90)
+
+    def dead_letter_line():
+        for line in worker.log().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("reason") == "image_decode_failed":
+                return entry
+        return None
+
+    assert wait_until(lambda: dead_letter_line() is not None, 10)
+    entry = dead_letter_line()
+    assert entry["level"] == "warning" and entry["topic"] == settings.topic(FRAMES)
+    assert entry["offset"] == 0 and entry["key"] == "cam" and entry["stage"] == "decode"
+    assert isinstance(entry["partition"], int) and entry["ts"].endswith("Z")
