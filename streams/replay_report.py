@@ -102,8 +102,10 @@ def compare(replayed: list[dict[str, Any]], baseline: list[dict[str, Any]], top:
         "replayed": len(mine), "compared": len(compared), "missing_in_baseline": len(mine) - len(compared),
         "agreement": round(agree / len(compared), 6) if compared else None,
         "flips": {"safe_to_unsafe": flips["safe_to_unsafe"], "unsafe_to_safe": flips["unsafe_to_safe"]},
+        # violation_score_delta compares each check's strongest violation (0 when none): a threshold
+        # change moves it even when the model's scores (score_deltas) are identical
         "by_check": {c: {"violations_added": s["added"], "violations_removed": s["removed"],
-                         "score_delta": summary(s["deltas"])} for c, s in sorted(by_check.items())},
+                         "violation_score_delta": summary(s["deltas"])} for c, s in sorted(by_check.items())},
         "score_deltas": {k: summary(v) for k, v in sorted(label_deltas.items())},
         "entities": {"records_differing": entity_records, "added": dict(entity_added), "removed": dict(entity_removed)},
         "top_disagreements": disagreements[:top],
@@ -118,9 +120,11 @@ def format_report(report: dict[str, Any]) -> str:
     f = report["flips"]
     lines.append(f"flips: safe -> unsafe {f['safe_to_unsafe']}, unsafe -> safe {f['unsafe_to_safe']}")
     for check, s in report["by_check"].items():
-        delta = s["score_delta"]
+        delta = s["violation_score_delta"]
         lines.append(f"  {check}: +{s['violations_added']} / -{s['violations_removed']} violations"
-                     + (f", score delta mean {delta['mean_abs']:.4f} max {delta['max_abs']:.4f}" if delta else ""))
+                     + (f", violation score delta mean {delta['mean_abs']:.4f} max {delta['max_abs']:.4f}" if delta else ""))
+    for label, delta in report["score_deltas"].items():
+        lines.append(f"  model score {label}: delta mean {delta['mean_abs']:.4f} max {delta['max_abs']:.4f}")
     e = report["entities"]
     if e["records_differing"]:
         lines.append(f"entities differ on {e['records_differing']} records (added {e['added']}, removed {e['removed']})")
