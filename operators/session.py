@@ -70,6 +70,7 @@ def choose_providers(
     trt_fp16: bool = False,
 ) -> list[tuple[str, dict[str, Any]]]:
     """Ordered (provider, options) list: the preferred providers this ONNX Runtime build has, CPU last.
+    TensorRT brings CUDA right after it (when the build has CUDA) for the nodes TensorRT cannot run.
 
     >>> choose_providers(["cuda", "cpu"], ["CPUExecutionProvider"])
     [('CPUExecutionProvider', {})]
@@ -89,6 +90,11 @@ def choose_providers(
             if trt_cache_dir:
                 options.update(trt_engine_cache_enable=True, trt_engine_cache_path=trt_cache_dir)
         chosen.append((name, options))
+        if name == "TensorrtExecutionProvider" and "CUDAExecutionProvider" in available and not any(
+            PROVIDER_NAMES.get(p.lower()) == "CUDAExecutionProvider" for p in preferences
+        ):
+            # what TensorRT cannot take runs on CUDA, not on CPU (ONNX Runtime's recommended order)
+            chosen.append(("CUDAExecutionProvider", {"device_id": device_id}))
     if not any(name == "CPUExecutionProvider" for name, _ in chosen):
         chosen.append(("CPUExecutionProvider", {}))  # always a working fallback
     return chosen
@@ -126,21 +132,25 @@ class OnnxSession:
         if graph_optimization not in _OPT_LEVELS:
             raise ValueError(f"graph_optimization must be one of {sorted(_OPT_LEVELS)}, not {graph_optimization!r}")
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[graph_optimization])
-        requested = choose_providers(providers, ort.get_available_providers(), device_id, trt_cache_dir, trt_fp16)
+        available = ort.get_available_providers()
+        requested = choose_providers(providers, available, device_id, trt_cache_dir, trt_fp16)
+        if trt_cache_dir and any(name == "TensorrtExecutionProvider" for name, _ in requested):
+            Path(trt_cache_dir).mkdir(parents=True, exist_ok=True)
+        self._ort = ort
         self._session = ort.InferenceSession(
             str(self.path),
             sess_options=options,
             providers=[name for name, _ in requested],
             provider_options=[opts for _, opts in requested],
         )
+        # What the session really runs on: a GPU build lists CUDA even where CUDA cannot start.
         self.providers: list[str] = self._session.get_providers()
+        self.requested_providers = [name for name, _ in requested]
         self.device_id = device_id
         self.on_gpu = self.providers[0] in GPU_PROVIDERS
-        wanted_gpu = [name for name, _ in requested if name in GPU_PROVIDERS]
-        if any(p.lower() in ("cuda", "tensorrt") for p in providers) and not self.on_gpu:
-            log.warning("%s: GPU provider requested but running on %s", self.path.name, self.providers[0])
-        elif wanted_gpu and wanted_gpu[0] not in self.providers:
-            log.warning("%s: %s unavailable, running on %s", self.path.name, wanted_gpu[0], self.providers[0])
+        self.fallback = _fallback_reason(providers, available, self.providers)
+        if self.fallback:
+            log.warning("%s: %s", self.path.name, self.fallback)
         # IO binding avoids host<->device copies on a GPU; on CPU it only adds overhead, so default off there.
         self.io_binding = self.on_gpu if io_binding is None else io_binding
         self.inputs = [self._spec(i) for i in self._session.get_inputs()]
@@ -157,26 +167,55 @@ class OnnxSession:
         """The provider that runs the model (first in ONNX Runtime's list)."""
         return self.providers[0]
 
-    def run(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    def run(self, feeds: Mapping[str, Any], output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """numpy arrays in (or, with IO binding, `OrtValue`s already on the device), numpy arrays out."""
         names = list(output_names) if output_names else [o.name for o in self.outputs]
         if self.io_binding:
-            return self._run_bound(feeds, names)
+            binding = self._run_bound(feeds, names)
+            return dict(zip(names, binding.copy_outputs_to_cpu(), strict=True))
         return dict(zip(names, self._session.run(names, dict(feeds)), strict=True))
 
-    def _run_bound(self, feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
+    def run_on_device(self, feeds: Mapping[str, Any], output_names: Sequence[str] | None = None) -> dict[str, Any]:
+        """Like `run`, but the outputs stay where the model computed them, as `OrtValue`s (on the GPU
+        when `on_gpu`): for chaining models or GPU post-processing without a round trip to the host.
+        `OrtValue.numpy()` copies one to the host."""
+        names = list(output_names) if output_names else [o.name for o in self.outputs]
+        return dict(zip(names, self._run_bound(feeds, names).get_outputs(), strict=True))
+
+    def _run_bound(self, feeds: Mapping[str, Any], names: Sequence[str]):
         binding = self._session.io_binding()
-        device = "cuda" if self.on_gpu else "cpu"
-        for name, array in feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        device, device_id = ("cuda", self.device_id) if self.on_gpu else ("cpu", 0)
+        for name, value in feeds.items():
+            if isinstance(value, self._ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)  # already on the device: no copy
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))  # one host->device copy by ORT
         for name in names:
-            binding.bind_output(name, device, self.device_id if self.on_gpu else 0)
+            binding.bind_output(name, device, device_id)  # ORT allocates on the device, sized per run
         binding.synchronize_inputs()
         self._session.run_with_iobinding(binding)
         binding.synchronize_outputs()
-        return dict(zip(names, binding.copy_outputs_to_cpu(), strict=True))
+        return binding
 
     def describe(self) -> dict[str, Any]:
         """Introspection for logs, /models and `inferstream models list`."""
         fmt = lambda specs: [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape)} for s in specs]  # noqa: E731
-        return {"path": str(self.path), "providers": self.providers, "io_binding": self.io_binding,
+        return {"backend": "onnx", "path": str(self.path), "providers": self.providers,
+                "requested_providers": self.requested_providers, "fallback": self.fallback,
+                "device_id": self.device_id if self.on_gpu else None, "io_binding": self.io_binding,
                 "inputs": fmt(self.inputs), "outputs": fmt(self.outputs)}
+
+
+def _fallback_reason(preferences: Sequence[str], available: Sequence[str], in_use: Sequence[str]) -> str | None:
+    """Why the session does not run on the first GPU provider it was asked for, or None if it does
+    (or no GPU was asked for)."""
+    wanted = [PROVIDER_NAMES[p.lower()] for p in preferences if PROVIDER_NAMES[p.lower()] in GPU_PROVIDERS]
+    if not wanted or in_use[0] == wanted[0]:
+        return None
+    first = wanted[0]
+    if first not in available:
+        why = f"{first} is not in this onnxruntime build (install 'inferstream[gpu]' on a CUDA machine)"
+    else:
+        why = (f"{first} is in this onnxruntime build but could not start (no GPU, driver, or CUDA/cuDNN/TensorRT "
+               "libraries; onnxruntime's log says which)")
+    return f"{why}; running on {in_use[0]}"

@@ -236,5 +236,40 @@ def models_list(ctx) -> None:
             click.echo(json.dumps(row))
 
 
+@models.command("promote")
+@click.argument("ref")
+@click.pass_context
+def models_promote(ctx, ref) -> None:
+    """Make candidate NAME@VERSION the version a bare NAME resolves to (picked up at the next load)."""
+    from operators.model_repository import ModelRepository
+
+    name, _, version = ref.partition("@")
+    if not version:
+        raise click.UsageError("expected NAME@VERSION")
+    repo = ModelRepository(_settings(ctx).model_dir)
+    repo.promote(name, version)
+    click.echo(json.dumps({"model": name, "serving_version": repo.serving_version(name)}))
+
+
+@models.command("quantize")
+@click.argument("name")
+@click.option("--version", help="Version to quantize (default: the newest).")
+@click.option("--to", "to", type=click.Choice(["int8", "fp16"]), default="int8", show_default=True)
+@click.option("--max-accuracy-drop", default=0.01, show_default=True,
+              help="Refuse to promote when top-1 disagreement (or relative output error) exceeds this.")
+@click.option("--drop-rejected", is_flag=True, help="Delete the new version when it fails the accuracy bound.")
+@click.pass_context
+def models_quantize(ctx, name, version, to, max_accuracy_drop, drop_rejected) -> None:
+    """Quantize a model into a new version and report size, speed and accuracy against the original."""
+    from operators.quantize import quantize
+
+    report = quantize(_settings(ctx).model_dir, name, version, to=to, max_accuracy_drop=max_accuracy_drop,
+                      keep_rejected=not drop_rejected)
+    click.echo(json.dumps(report, indent=2))
+    if not report.get("promote_ok"):
+        click.echo(f"inferstream: {name} {to}: accuracy drop over {max_accuracy_drop}: not promotable", err=True)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
     main()

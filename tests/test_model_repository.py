@@ -150,3 +150,20 @@ def test_load_gives_a_working_session_with_labels(repo_root):
     assert model.labels == [f"class-{i}" for i in range(4)]
     x = np.random.default_rng(0).uniform(size=(2, 3, SIZE, SIZE)).astype(np.float32)
     np.testing.assert_allclose(model.session.run({"input": x})["logits"], tiny_logits(x), rtol=1e-4, atol=1e-4)
+
+
+def test_candidate_versions_are_served_only_by_explicit_reference_until_promoted(tmp_path):
+    import yaml
+    from tiny_models import write_tiny_repository
+
+    from operators.model_repository import ModelRepository
+
+    write_tiny_repository(tmp_path, "m", "1")
+    candidate = write_tiny_repository(tmp_path, "m", "2")
+    config = yaml.safe_load((candidate / "config.yaml").read_text())
+    (candidate / "config.yaml").write_text(yaml.safe_dump({**config, "candidate": True}))
+    repo = ModelRepository(tmp_path)
+    assert repo.config("m").version == "1"  # the newest *promoted* version
+    assert repo.config("m@2").version == "2"
+    repo.promote("m", "2")
+    assert repo.config("m").version == "2"

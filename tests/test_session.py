@@ -1,12 +1,17 @@
-"""Provider choice and OnnxSession on the tiny generated model (CPU-only onnxruntime)."""
+"""Provider choice and OnnxSession on the tiny generated model (CPU-only onnxruntime; a GPU build is
+simulated by monkeypatching what onnxruntime lists and what a session reports)."""
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import onnxruntime as ort
 import pytest
-from tiny_models import SIZE, tiny_classifier, tiny_logits
+import yaml
+from tiny_models import SIZE, tiny_classifier, tiny_logits, write_tiny_repository
 
+from operators.model_repository import ModelRepository
 from operators.session import OnnxSession, choose_providers
 
 CPU = "CPUExecutionProvider"
@@ -130,3 +135,124 @@ def test_session_missing_model_file_raises_file_not_found(tmp_path):
 def test_session_bad_graph_optimization_raises_value_error(tiny_path):
     with pytest.raises(ValueError, match="graph_optimization"):
         OnnxSession(tiny_path, providers=("cpu",), graph_optimization="maximum")
+
+
+# ------------------------------------------------------------------------------------- GPU path
+def test_tensorrt_brings_cuda_after_it_for_the_nodes_it_cannot_run():
+    chosen = choose_providers(["tensorrt", "cpu"], [TRT, CUDA, CPU], device_id=1)
+    assert chosen == [(TRT, {"device_id": 1, "trt_fp16_enable": False}), (CUDA, {"device_id": 1}), (CPU, {})]
+
+
+def _claim_providers(monkeypatch, available, in_use):
+    """Simulate an onnxruntime-gpu build: what it lists, and what a created session reports."""
+    monkeypatch.setattr(ort, "get_available_providers", lambda: list(available))
+    monkeypatch.setattr(ort.InferenceSession, "get_providers", lambda self: list(in_use))
+
+
+def test_gpu_build_listing_cuda_that_cannot_start_falls_back_to_cpu_and_says_why(tiny_path, monkeypatch, caplog):
+    _claim_providers(monkeypatch, [TRT, CUDA, CPU], [CPU])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # this CPU build warns that it has no CUDA: the simulated failure
+        session = OnnxSession(tiny_path, providers=("cuda", "cpu"))
+    assert session.requested_providers == [CUDA, CPU]
+    assert session.providers == [CPU]
+    assert session.provider == CPU
+    assert not session.on_gpu
+    assert session.io_binding is False
+    assert "CUDAExecutionProvider is in this onnxruntime build but could not start" in session.fallback
+    assert session.fallback.endswith("running on CPUExecutionProvider")
+    assert session.fallback in caplog.text
+    desc = session.describe()
+    assert (desc["providers"], desc["fallback"], desc["device_id"]) == ([CPU], session.fallback, None)
+    x = _batch(2)
+    np.testing.assert_allclose(session.run({"input": x})["logits"], tiny_logits(x), rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_only_build_reports_that_the_gpu_package_is_missing(tiny_path):
+    session = OnnxSession(tiny_path, providers=("cuda", "cpu"))
+    assert "not in this onnxruntime build" in session.fallback
+    assert "inferstream[gpu]" in session.fallback
+
+
+def test_no_fallback_is_reported_when_no_gpu_was_asked_for(tiny_path):
+    assert OnnxSession(tiny_path, providers=("cpu",)).fallback is None
+
+
+def test_tensorrt_failing_but_cuda_working_reports_the_tensorrt_fallback(tiny_path, monkeypatch, tmp_path):
+    _claim_providers(monkeypatch, [TRT, CUDA, CPU], [CUDA, CPU])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        session = OnnxSession(tiny_path, providers=("tensorrt", "cuda"), trt_cache_dir=str(tmp_path / "trt"))
+    assert session.on_gpu
+    assert session.fallback.startswith("TensorrtExecutionProvider is in this onnxruntime build but could not start")
+    assert (tmp_path / "trt").is_dir()  # the engine cache directory is made for TensorRT
+
+
+class _RecordingBinding:
+    """Stands in for onnxruntime's IOBinding on a GPU session: records what was bound where."""
+
+    def __init__(self, outputs):
+        self.calls, self._outputs = [], outputs
+
+    def bind_cpu_input(self, name, array):
+        self.calls.append(("input", name, array.flags["C_CONTIGUOUS"]))
+
+    def bind_ortvalue_input(self, name, value):
+        self.calls.append(("ortvalue", name))
+
+    def bind_output(self, name, device, device_id):
+        self.calls.append(("output", name, device, device_id))
+
+    def synchronize_inputs(self):
+        self.calls.append(("sync-in",))
+
+    def synchronize_outputs(self):
+        self.calls.append(("sync-out",))
+
+    def copy_outputs_to_cpu(self):
+        return self._outputs
+
+
+def test_session_on_gpu_binds_outputs_on_its_cuda_device(tiny_path, monkeypatch):
+    _claim_providers(monkeypatch, [CUDA, CPU], [CUDA, CPU])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        session = OnnxSession(tiny_path, providers=("cuda", "cpu"), device_id=2)
+    assert session.on_gpu and session.fallback is None
+    assert session.io_binding is True  # default on a GPU
+    assert session.describe()["device_id"] == 2
+    logits = np.zeros((3, 4), np.float32)
+    binding = _RecordingBinding([logits])
+    ran = []
+    monkeypatch.setattr(session, "_session", type("FakeGpuSession", (), {
+        "io_binding": lambda self: binding, "run_with_iobinding": lambda self, b: ran.append(b)})())
+    result = session.run({"input": np.asfortranarray(_batch(3))})
+    assert result["logits"] is logits
+    assert ran == [binding]
+    assert binding.calls == [("input", "input", True), ("output", "logits", "cuda", 2), ("sync-in",), ("sync-out",)]
+
+
+def test_ortvalue_inputs_are_bound_without_a_copy_and_outputs_can_stay_on_the_device(tiny_path):
+    session = OnnxSession(tiny_path, providers=("cpu",), io_binding=True)
+    x = _batch(3, seed=5)
+    on_device = session.run_on_device({"input": ort.OrtValue.ortvalue_from_numpy(x)})
+    assert isinstance(on_device["logits"], ort.OrtValue)
+    np.testing.assert_allclose(on_device["logits"].numpy(), tiny_logits(x), rtol=1e-4, atol=1e-4)
+    chained = session.run({"input": ort.OrtValue.ortvalue_from_numpy(x)})
+    np.testing.assert_allclose(chained["logits"], tiny_logits(x), rtol=1e-4, atol=1e-4)
+
+
+def test_gpu_settings_come_from_the_model_config(tmp_path):
+    directory = write_tiny_repository(tmp_path, "tiny", "1")
+    cfg = yaml.safe_load((directory / "config.yaml").read_text())
+    cfg["runtime"].update(device_id=1, io_binding=True, inter_op_threads=1,
+                          tensorrt={"cache_dir": "trt-engines", "fp16": True})
+    (directory / "config.yaml").write_text(yaml.safe_dump(cfg))
+    config = ModelRepository(tmp_path).config("tiny")
+    assert config.device_id == 1
+    assert config.trt_cache_dir == str(directory / "trt-engines")
+    assert config.trt_fp16 is True
+    assert config.io_binding is True
+    assert config.inter_op_threads == 1
+    model = ModelRepository(tmp_path).load("tiny", providers=("cpu",))
+    assert model.session.io_binding is True
