@@ -144,7 +144,8 @@ def run_demo(port: int = 9092, seconds: float = 6.0, keep_running: bool = False)
             # own session: Ctrl-C reaches only the demo, which stops the worker before the broker
             worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=env, stdout=log, stderr=log,
                                       start_new_session=True)
-            print(f"demo: worker starting (log: {WORK / 'worker.log'}, http://127.0.0.1:{web_port}/ready)", flush=True)
+            print(f"demo: worker starting (log: {WORK / 'worker.log'}); metrics at http://127.0.0.1:{web_port}/metrics, "
+                  f"readiness at http://127.0.0.1:{web_port}/ready", flush=True)
             video = sample_video(WORK / "sample.mp4", seconds)
             if not wait_ready(web_port, worker, timeout_s=90):
                 print(f"demo: the worker did not become ready; see {WORK / 'worker.log'}", flush=True)
