@@ -13,13 +13,27 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parent
-# name/version -> recipe module in models/recipes/
+# name/version -> recipe module in models/recipes/, and the model dirs it writes (all must exist to skip it)
 RECIPES = {
-    "efficientnet-lite0/1": "efficientnet_lite0",
-    "nudenet-320n/1": "nudenet_320n",
-    "toxicity/1": "toxicity",
+    "efficientnet-lite0/1": ("efficientnet_lite0", ("efficientnet-lite0/1",)),
+    "nudenet-320n/1": ("nudenet_320n", ("nudenet-320n/1",)),
+    "toxicity/1": ("toxicity", ("toxicity/1",)),
+    "pii-ner/1": ("pii_ner", ("pii-ner/1",)),
+    # one synthetic interaction log feeds both recommendation models: built together
+    "deepfm-ctr/1": ("recsys", ("cf-retrieval/1", "deepfm-ctr/1")),
 }
+
+
+def _built(ref: str) -> bool:
+    """The model file named by the version's config.yaml exists."""
+    config = ROOT / ref / "config.yaml"
+    if not config.is_file():
+        return False
+    file = (yaml.safe_load(config.read_text()) or {}).get("file", "model.onnx")
+    return (ROOT / ref / file).exists()
 
 
 def _recipe(module: str):
@@ -34,12 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild models that already exist")
     parser.add_argument("only", nargs="*", help="build only these name/version entries")
     args = parser.parse_args(argv)
-    for ref, module in RECIPES.items():
+    for ref, (module, writes) in RECIPES.items():
         if args.only and ref not in args.only:
             continue
         out_dir = ROOT / ref
-        if (out_dir / "model.onnx").is_file() and not args.force:
-            print(f"models: {ref} already built")
+        if all(_built(w) for w in writes) and not args.force:
+            print(f"models: {', '.join(writes)} already built")
             continue
         started = time.perf_counter()
         report = _recipe(module).build(out_dir)

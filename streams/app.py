@@ -15,11 +15,13 @@ import faust
 from operators.model_repository import ModelRepository
 from operators.moderation import Moderator
 from operators.policy import Policy
+from operators.registry import ModelRegistry, RegistryHooks, Stage
 from streams import metrics, web
 from streams.config import Settings
 from streams.moderation import ModerationPipeline, source_of
 from streams.ordered import OrderedAcker, Output
-from streams.schemas import FRAMES, POSTS
+from streams.schemas import EVENTS, FRAMES, POSTS, RECOMMENDATION_REQUESTS
+from streams.serving_api import ServingAPI
 
 log = logging.getLogger(__name__)
 
@@ -74,50 +76,78 @@ def create_app(settings: Settings) -> faust.App:
         consumer_max_fetch_size=settings.max_message_bytes + 64 * 1024,
         producer_acks=-1,
         web_enabled=True,
+        # request bodies up to the largest record we accept (an image for POST /predict)
+        web_application_options={"client_max_size": settings.max_message_bytes + 64 * 1024},
         web_port=settings.web_port,
         web_bind=settings.web_host,
         web_host=settings.web_host,
     )
 
 
-def raw_topic(app: faust.App, settings: Settings, name: str) -> faust.TopicT:
-    return app.topic(settings.topic(name), key_type=bytes, value_type=bytes,
+def raw_topic(app: faust.App, settings: Settings, *names: str) -> faust.TopicT:
+    """Raw bytes in: values are validated by our own code, so a bad record can never crash a stream."""
+    return app.topic(*[settings.topic(n) for n in names], key_type=bytes, value_type=bytes,
                      key_serializer="raw", value_serializer="raw", partitions=settings.partitions)
 
 
-def _ordered_agent(app: faust.App, settings: Settings, topic_name: str, handle, send):
-    """An agent over raw records of `topic_name` whose outputs are delivered before each ack."""
+def _ordered_agent(app: faust.App, settings: Settings, topic_name: str, handle, send, *more_topics: str,
+                   background=None):
+    """An agent over raw records of `topic_name` (and `more_topics`) whose outputs are delivered
+    before each ack; `background()` is a coroutine run alongside it (e.g. the recommender loop)."""
 
-    @app.agent(raw_topic(app, settings, topic_name), name=topic_name)
+    @app.agent(raw_topic(app, settings, topic_name, *more_topics), name=topic_name)
     async def agent(stream):
         acker = OrderedAcker(send, settings.max_in_flight, name=settings.topic(topic_name))
         delivering = asyncio.ensure_future(acker.run())
+        helper = asyncio.ensure_future(background()) if background else None
         try:
             async for event in stream.noack().events():
                 await acker.add(event, handle(source_of(event)))
         finally:
             await acker.drain(timeout_s=5.0)
             delivering.cancel()
+            if helper is not None:
+                helper.cancel()
 
     return agent
 
 
-def _instrument(app: faust.App, moderator: Moderator) -> None:
-    """Model metrics from the batchers, and consumer lag from the fetch high watermark."""
-    for stage in moderator.stages.values():
+def model_metrics() -> RegistryHooks:
+    """Registry hooks that keep the model metrics current as versions load, fail and drain."""
+
+    def loaded(stage: Stage) -> None:
         cfg = stage.model.config
         metrics.MODEL_INFO.labels(cfg.name, cfg.version, cfg.task, stage.model.session.provider).set(1)
         metrics.MODEL_LOADS.labels(cfg.name, cfg.version, "ok").inc()
+        if stage.batcher is None:
+            return
         inference = metrics.INFERENCE.labels(cfg.name, cfg.version)
         sizes = metrics.BATCH_SIZE.labels(cfg.name, cfg.version)
 
-        def on_batch(size: int, seconds: float, inference=inference, sizes=sizes) -> None:
+        def on_batch(size: int, seconds: float) -> None:
             inference.observe(seconds)
             sizes.observe(size)
 
         stage.batcher.on_batch = on_batch
         metrics.QUEUE_DEPTH.labels(cfg.name, cfg.version).set_function(lambda b=stage.batcher: b.queue_depth)
 
+    def failed(name: str, version: str, detail: str) -> None:
+        metrics.MODEL_LOADS.labels(name, version, "error").inc()
+
+    def retired(stage: Stage) -> None:
+        cfg = stage.model.config
+        for gauge, labels in ((metrics.MODEL_INFO, (cfg.name, cfg.version, cfg.task, stage.model.session.provider)),
+                              (metrics.QUEUE_DEPTH, (cfg.name, cfg.version))):
+            try:
+                gauge.remove(*labels)
+            except KeyError:
+                pass  # never set (a model without a batcher): nothing to remove
+
+    return RegistryHooks(on_loaded=loaded, on_failed=failed, on_retired=retired)
+
+
+def _instrument(app: faust.App) -> None:
+    """Consumer lag from the fetch high watermark (model metrics come from the registry's hooks)."""
     reported: set = set()
 
     @app.timer(interval=5.0)
@@ -143,18 +173,63 @@ def _instrument(app: faust.App, moderator: Moderator) -> None:
 
 def build_worker_app(settings: Settings) -> faust.App:
     """The app with every agent registered and its models loaded (loaded before the worker joins the
-    group, so no partition is held while a model is still loading)."""
+    group, so no partition is held while a model is still loading). The model registry polls the
+    repository for new versions and serving-state changes; REST routes share the web port, and gRPC
+    runs on `grpc_port` when it is set."""
     app = create_app(settings)
     providers = tuple(p for p in settings.providers.split(",") if p) or None
-    moderator = Moderator(ModelRepository(settings.model_dir), Policy.load(settings.policy), providers,
-                          settings.intra_op_threads or None)
+    registry = ModelRegistry(ModelRepository(settings.model_dir), providers, settings.intra_op_threads or None,
+                             hooks=model_metrics())
+    moderator = Moderator(registry.repo, Policy.load(settings.policy), registry=registry)
     moderation = ModerationPipeline(settings, moderator)
-    web.install(app, web.WorkerState(moderator.model_info))
-    _instrument(app, moderator)
+    web.install(app, web.WorkerState(lambda: moderator.model_info))
+    web.install_api(app, ServingAPI(registry, settings, moderation))
+    _instrument(app)
+
+    @app.task
+    async def watch_models() -> None:
+        await registry.watch()
+
+    if settings.grpc_port:
+        from streams.grpc_server import GrpcServer
+
+        @app.task
+        async def serve_grpc() -> None:
+            await GrpcServer(registry, settings.web_host, settings.grpc_port).serve_forever()
 
     async def send(output: Output):
-        return await app.producer.send(output.topic, output.key, output.value, None, None, output.headers)
+        return await app.producer.send(output.topic, output.key, output.value, output.partition, None, output.headers)
 
     _ordered_agent(app, settings, FRAMES, moderation.handle_frame, send)
     _ordered_agent(app, settings, POSTS, moderation.handle_post, send)
+    _recommendation_agent(app, settings, send)
     return app
+
+
+def _recommendation_agent(app: faust.App, settings: Settings, send) -> None:
+    """Events and recommendation requests -> user state -> lists (streams/recommend.py)."""
+    if settings.recommendations == "off":
+        return
+    from operators.ranking import CandidateRanker
+    from operators.retrieval import CFRetriever
+    from streams.recommend import RecommendationPipeline, Recommender, StateStore
+
+    repo = ModelRepository(settings.model_dir)
+    try:
+        retriever = CFRetriever.from_repository(repo, settings.retrieval_model)
+        ranker = CandidateRanker(repo.load(settings.ranking_model)) if settings.ranking_model else None
+    except Exception as exc:
+        if settings.recommendations == "on":
+            raise
+        log.warning("recommendations off: %s (set INFERSTREAM_RECOMMENDATIONS=on to make this fatal)", exc)
+        return
+    store = StateStore(settings)
+    recommender = Recommender(settings, retriever, ranker, send)
+    pipeline = RecommendationPipeline(settings, store, recommender)
+
+    @app.on_partitions_revoked.connect
+    async def _forget(sender, revoked, **kwargs) -> None:
+        store.forget({tp.partition for tp in revoked if tp.topic == settings.topic(EVENTS)})
+
+    _ordered_agent(app, settings, EVENTS, pipeline.handle, send, RECOMMENDATION_REQUESTS, background=recommender.run)
+    log.info("recommendations from %s", recommender.models)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging.config
 import signal
 import sys
 
@@ -83,6 +84,43 @@ def worker(ctx: click.Context, web_port: int | None) -> None:
     app = build_worker_app(settings)
     faust.Worker(app, loglevel=settings.log_level.upper(), quiet=True,
                  logging_config=logging_config(settings.log_level, settings.log_format)).execute_from_commandline()
+
+
+@main.command("serve-grpc")
+@click.option("--port", type=int, help="Port on web_host (default INFERSTREAM_GRPC_PORT, else 50051; 0: any free port).")
+@click.pass_context
+def serve_grpc(ctx: click.Context, port: int | None) -> None:
+    """Serve gRPC Predict/BatchPredict and health for every model of the repository, without Kafka.
+
+    Models load on their first request and follow serving.yaml (pins, splits) and new versions."""
+    from operators.model_repository import ModelRepository
+    from operators.registry import ModelRegistry
+    from streams.grpc_server import GrpcServer
+    from streams.logs import logging_config
+
+    settings = _settings(ctx)
+    logging.config.dictConfig(logging_config(settings.log_level, settings.log_format))
+    port = port if port is not None else (settings.grpc_port or 50051)
+    providers = tuple(p for p in settings.providers.split(",") if p) or None
+    registry = ModelRegistry(ModelRepository(settings.model_dir), providers, settings.intra_op_threads or None)
+
+    async def serve() -> None:
+        server = GrpcServer(registry, settings.web_host, port)
+        await server.start()
+        click.echo(json.dumps({"grpc": f"{settings.web_host}:{server.port}", "model_dir": settings.model_dir}), err=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        watcher = asyncio.ensure_future(registry.watch())
+        try:
+            await stop.wait()
+        finally:
+            watcher.cancel()
+            await server.stop()
+            await registry.close()
+
+    asyncio.run(serve())
 
 
 @main.group()

@@ -51,12 +51,22 @@ class Settings:
     intra_op_threads: int = 0  # 0 = ONNX Runtime default
     decode_threads: int = 2
     max_in_flight: int = 256  # records decoded/inferring per agent before consuming pauses
+    # Recommendations
+    recommendations: str = "auto"  # auto: on when the models below load; on: they must; off
+    retrieval_model: str = "cf-retrieval"
+    ranking_model: str = "deepfm-ctr"  # empty: lists ranked by retrieval score alone
+    rec_on_kinds: str = "click,purchase"  # event kinds that ask for a fresh list
+    rec_every_n_events: int = 5  # ... or every N events of a user
+    rec_debounce_s: float = 1.0  # requests for one user within this window share one list
+    rec_k: int = 10
+    max_event_future_s: float = 300.0  # events stamped further ahead are dead-lettered
     # Input limits (dead-lettered beyond these)
     max_image_side: int = 8192
     max_image_pixels: int = 40_000_000
     # Worker
     web_port: int = 6066
     web_host: str = "127.0.0.1"
+    grpc_port: int = 0  # gRPC Predict/BatchPredict + health on web_host:grpc_port; 0 = off
     data_dir: str = ".inferstream"
     log_level: str = "info"
     log_format: str = "text"  # text | json (one JSON object per line, with record coordinates)

@@ -21,10 +21,11 @@ from streams.broker import EmbeddedBroker, free_port
 from streams.config import Settings
 from streams.kafka import consumer, ensure_topics
 from streams.produce import produce_jsonl, produce_video
-from streams.schemas import DEAD_LETTERS, VERDICTS
+from streams.schemas import DEAD_LETTERS, RECOMMENDATIONS, VERDICTS
 
 WORK = Path(".inferstream")
 SAMPLE_POSTS = Path(__file__).resolve().parent.parent / "samples" / "posts.jsonl"
+SAMPLE_EVENTS = Path(__file__).resolve().parent.parent / "samples" / "events.jsonl"
 
 
 def sample_video(path: Path, seconds: float = 6.0, fps: int = 10, size: tuple[int, int] = (640, 480)) -> Path:
@@ -46,6 +47,11 @@ def sample_video(path: Path, seconds: float = 6.0, fps: int = 10, size: tuple[in
                 yield np.ascontiguousarray(cv2.resize(crop, (w, h), interpolation=cv2.INTER_AREA))
 
     return write_video(path, frames(), fps=fps)
+
+
+def _recommendation_line(rec: dict) -> str:
+    items = " ".join(i["item_id"] for i in rec["items"][:8])
+    return f"recs  {rec['user_id']:<14} {rec['source']:<7} {items}  ({rec['reason']}, {rec['based_on_events']} events)"
 
 
 def _line(verdict: dict) -> str:
@@ -88,7 +94,7 @@ def sample_posts(path: Path) -> Path:
 async def _print_results(settings: Settings, expected: int, timeout_s: float, then_forever: bool = False) -> int:
     """Print verdicts and dead letters until `expected` arrived or the timeout; with `then_forever`,
     keep printing new ones until Ctrl-C."""
-    kafka = consumer(settings, settings.topic(VERDICTS), settings.topic(DEAD_LETTERS),
+    kafka = consumer(settings, settings.topic(VERDICTS), settings.topic(DEAD_LETTERS), settings.topic(RECOMMENDATIONS),
                      group_id=None, auto_offset_reset="earliest", enable_auto_commit=False)
     await kafka.start()
     seen = 0
@@ -98,7 +104,7 @@ async def _print_results(settings: Settings, expected: int, timeout_s: float, th
         while then_forever or (seen < expected and time.monotonic() < deadline):
             if then_forever and seen >= expected and not announced:
                 announced = True
-                print(f"demo: {seen}/{expected} sample frames and posts judged; broker and worker keep running "
+                print(f"demo: {seen}/{expected} sample frames, posts and recommendation lists; broker and worker keep running "
                       f"(publish more: INFERSTREAM_BROKER={settings.broker} INFERSTREAM_TOPIC_PREFIX={settings.topic_prefix} "
                       "inferstream produce video FILE --stream-id ID). Ctrl-C stops everything.", flush=True)
             batch = await kafka.getmany(timeout_ms=500)
@@ -107,12 +113,25 @@ async def _print_results(settings: Settings, expected: int, timeout_s: float, th
                     record = json.loads(msg.value)
                     if msg.topic.endswith(DEAD_LETTERS):
                         print(f"dead letter {record['reason']}: {record['detail']}", flush=True)
+                    elif msg.topic.endswith(RECOMMENDATIONS):
+                        print(_recommendation_line(record), flush=True)
                     else:
                         print(_line(record), flush=True)
                     seen += 1
     finally:
         await kafka.stop()
     return seen
+
+
+def expected_lists(path: Path, settings: Settings) -> int:
+    """Users whose sample events ask for a list: a trigger kind, or at least rec_every_n_events events."""
+    kinds = {k.strip() for k in settings.rec_on_kinds.split(",")}
+    per_user: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            event = json.loads(line)
+            per_user.setdefault(event["user_id"], []).append(event["kind"])
+    return sum(1 for ks in per_user.values() if set(ks) & kinds or len(ks) >= settings.rec_every_n_events)
 
 
 def wait_ready(web_port: int, worker: subprocess.Popen, timeout_s: float) -> bool:
@@ -154,7 +173,10 @@ def run_demo(port: int = 9092, seconds: float = 6.0, keep_running: bool = False)
             posts = sample_posts(WORK / "posts.jsonl")
             report = produce_jsonl(settings, "posts", posts)
             print(f"demo: published {report.sent} sample posts from {SAMPLE_POSTS.name} (+2 with photos)", flush=True)
-            expected = sum(1 for _ in sample_frames(video)) + report.sent
+            events = produce_jsonl(settings, "events", SAMPLE_EVENTS)
+            users = expected_lists(SAMPLE_EVENTS, settings)
+            print(f"demo: published {events.sent} sample events from {SAMPLE_EVENTS.name} ({users} users get a list)", flush=True)
+            expected = sum(1 for _ in sample_frames(video)) + report.sent + users
             # publish in the background (paced like a camera) while verdicts print as they arrive
             producer = threading.Thread(target=produce_video, args=(settings, video, "demo-cam"),
                                         kwargs={"realtime": 1.0}, daemon=True)

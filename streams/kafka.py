@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import time
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
@@ -61,3 +62,19 @@ async def ensure_topics(settings: Settings, names: tuple[str, ...] = ALL_TOPICS)
         return wanted
     finally:
         await admin.close()
+
+
+async def fetch_high_watermarks(kafka, tps: list[TopicPartition], timeout_s: float = 15.0) -> dict[int, int]:
+    """Each partition's high watermark from a fetch response. The embedded broker's ListOffsets
+    ("latest", used by end_offsets) is wrong; its fetch responses carry the right high watermark
+    (measured: end_offsets said 1 for 500 records, the fetch said 500). Leaves positions anywhere."""
+    beginnings = await kafka.beginning_offsets(tps)
+    for tp in tps:
+        kafka.seek(tp, beginnings[tp])
+    deadline = time.monotonic() + timeout_s
+    while any(kafka.highwater(tp) is None for tp in tps) and time.monotonic() < deadline:
+        await kafka.getmany(*[tp for tp in tps if kafka.highwater(tp) is None], timeout_ms=200, max_records=1)
+    missing = [tp for tp in tps if kafka.highwater(tp) is None]
+    if missing:
+        raise RuntimeError(f"no fetch response for partitions {[tp.partition for tp in missing]} within {timeout_s:.0f}s")
+    return {tp.partition: kafka.highwater(tp) for tp in tps}

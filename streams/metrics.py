@@ -20,6 +20,8 @@ RECORDS_PRODUCED = Counter("inferstream_records_produced_total", "Output records
                            ["topic"], registry=REGISTRY)
 DEAD_LETTERS = Counter("inferstream_dead_letters_total", "Input records sent to dead-letters, by reason",
                        ["topic", "reason"], registry=REGISTRY)
+UNKNOWN_ITEMS = Counter("inferstream_unknown_items_total", "Events skipped because their item is not in the catalogue",
+                        ["topic"], registry=REGISTRY)
 VERDICTS = Counter("inferstream_verdicts_total", "Moderation verdicts by input kind and outcome",
                    ["kind", "safe"], registry=REGISTRY)
 VIOLATIONS = Counter("inferstream_violations_total", "Policy violations by check", ["check"], registry=REGISTRY)

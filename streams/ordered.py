@@ -40,6 +40,7 @@ class Output:
     key: bytes | None
     value: bytes
     headers: list[tuple[str, bytes]] | None = None
+    partition: int | None = None  # None: the producer's partitioner (by key)
 
 
 Send = Callable[[Output], Awaitable[Awaitable[Any]]]  # returns once buffered; the inner awaitable is delivery

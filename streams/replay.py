@@ -38,7 +38,7 @@ from operators.model_repository import ModelRepository
 from operators.moderation import Moderator
 from operators.policy import Check, Policy, PolicyError
 from streams.config import Settings
-from streams.kafka import consumer, ensure_topics, producer
+from streams.kafka import consumer, ensure_topics, fetch_high_watermarks, producer
 from streams.moderation import ModerationPipeline
 from streams.ordered import OrderedAcker, Output
 from streams.schemas import DEAD_LETTERS, FRAMES, POSTS, SourceRecord, decode_headers
@@ -181,20 +181,6 @@ def pinned_policy(policy: Policy, pins: tuple[str, ...]) -> Policy:
     return Policy(checks, policy.source, policy.raw)
 
 
-async def _high_watermarks(kafka, tps: list[TopicPartition], timeout_s: float = 15.0) -> dict[int, int]:
-    """Each partition's high watermark from a fetch response (correct on tansu, unlike end_offsets)."""
-    beginnings = await kafka.beginning_offsets(tps)
-    for tp in tps:
-        kafka.seek(tp, beginnings[tp])
-    deadline = time.monotonic() + timeout_s
-    while any(kafka.highwater(tp) is None for tp in tps) and time.monotonic() < deadline:
-        await kafka.getmany(*[tp for tp in tps if kafka.highwater(tp) is None], timeout_ms=200, max_records=1)
-    missing = [tp for tp in tps if kafka.highwater(tp) is None]
-    if missing:
-        raise ReplayError(f"no fetch response for partitions {[tp.partition for tp in missing]} within {timeout_s:.0f}s")
-    return {tp.partition: kafka.highwater(tp) for tp in tps}
-
-
 async def _first_record_timestamp(kafka, tp: TopicPartition, offset: int) -> int | None:
     kafka.seek(tp, offset)
     batch = await kafka.getmany(tp, timeout_ms=2000, max_records=1)
@@ -262,7 +248,7 @@ async def replay(settings: Settings, options: ReplayOptions) -> dict[str, Any]:
         tps = [TopicPartition(topic, p) for p in partitions]
         kafka.assign(tps)
         beginnings = {tp.partition: o for tp, o in (await kafka.beginning_offsets(tps)).items()}
-        ends = await _high_watermarks(kafka, tps)
+        ends = await fetch_high_watermarks(kafka, tps)
         ends = {p: min(e, options.end.offset_for(p)) if options.end.offset_for(p) is not None else e for p, e in ends.items()}
         starts, method = await _start_offsets(kafka, tps, options.start, beginnings, ends)
         ranges = {p: PartitionRange(p, starts[p], ends[p], max(starts[p], checkpoint.next.get(p, starts[p]))) for p in partitions}
@@ -297,7 +283,7 @@ async def ensure_output_topic(settings: Settings, name: str) -> None:
 async def _process(kafka, out, tps, ranges: dict[int, PartitionRange], options: ReplayOptions, checkpoint: Checkpoint,
                    handle, settings: Settings) -> dict[str, Any]:
     async def send(output: Output):
-        return await out.send(output.topic, output.value, key=output.key, headers=output.headers)
+        return await out.send(output.topic, output.value, key=output.key, headers=output.headers, partition=output.partition)
 
     acker = OrderedAcker(send, max_in_flight=max(256, options.batch_size * 4), name=tps[0].topic)
     delivering = asyncio.ensure_future(acker.run())

@@ -10,7 +10,7 @@ from typing import Any
 from aiokafka import TopicPartition
 
 from streams.config import Settings
-from streams.kafka import consumer
+from streams.kafka import consumer, fetch_high_watermarks
 
 
 async def read_verdicts(settings: Settings, topic: str, timeout_s: float = 30.0) -> list[dict[str, Any]]:
@@ -25,10 +25,8 @@ async def read_verdicts(settings: Settings, topic: str, timeout_s: float = 30.0)
         tps = [TopicPartition(topic, p) for p in partitions]
         if not tps:
             return []
-        from streams.replay import _high_watermarks  # same end rule as the replay itself
-
         kafka.assign(tps)
-        ends = await _high_watermarks(kafka, tps, timeout_s)
+        ends = await fetch_high_watermarks(kafka, tps, timeout_s)
         for tp in tps:
             kafka.seek(tp, (await kafka.beginning_offsets([tp]))[tp])
         verdicts: list[dict[str, Any]] = []

@@ -20,13 +20,19 @@ from operators.errors import BadInput
 # Logical topic names; the real name is Settings.topic_prefix + name.
 FRAMES, POSTS, EVENTS = "frames", "posts", "events"
 VERDICTS, RECOMMENDATIONS, DEAD_LETTERS = "verdicts", "recommendations", "dead-letters"
-ALL_TOPICS = (FRAMES, POSTS, EVENTS, VERDICTS, RECOMMENDATIONS, DEAD_LETTERS)
+RECOMMENDATION_REQUESTS = "recommendation-requests"
+USER_STATE = "user-state"  # internal: per-user state snapshots, the recommendation agent's changelog
+SHADOW_VERDICTS = "shadow-verdicts"  # verdicts of shadow model versions (never in `verdicts`)
+ALL_TOPICS = (FRAMES, POSTS, EVENTS, VERDICTS, RECOMMENDATIONS, DEAD_LETTERS, RECOMMENDATION_REQUESTS, USER_STATE,
+              SHADOW_VERDICTS)
 
 FRAME_SCHEMA = "inferstream.frame.v1"
 POST_SCHEMA = "inferstream.post.v1"
 EVENT_SCHEMA = "inferstream.event.v1"
 VERDICT_SCHEMA = "inferstream.verdict.v1"
 DEAD_LETTER_SCHEMA = "inferstream.dead_letter.v1"
+RECOMMENDATION_SCHEMA = "inferstream.recommendations.v1"
+RECOMMENDATION_REQUEST_SCHEMA = "inferstream.recommendation_request.v1"
 
 EVENT_KINDS = ("view", "click", "like", "purchase")
 MAX_TEXT_CHARS = 20_000
@@ -172,6 +178,16 @@ def parse_event(value: bytes | None) -> dict[str, Any]:
         "schema": EVENT_SCHEMA, "user_id": _require_id(record, "user_id"), "item_id": _require_id(record, "item_id"),
         "kind": kind, "ts": _timestamp(record, "ts", required=True),
     }
+
+
+def parse_recommendation_request(value: bytes | None) -> dict[str, Any]:
+    """Validate a `recommendation-requests` record: {"user_id", optional "request_id", optional "k"}."""
+    record = _load_json_object(value, RECOMMENDATION_REQUEST_SCHEMA)
+    k = record.get("k", 10)
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 200:
+        raise BadInput("wrong_schema", "'k' must be an integer between 1 and 200")
+    request_id = record.get("request_id")
+    return {"user_id": _require_id(record, "user_id"), "request_id": None if request_id is None else str(request_id), "k": k}
 
 
 # ---------------------------------------------------------------------------------------- outputs

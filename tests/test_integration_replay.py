@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -18,7 +17,7 @@ from kafka_helpers import collect, frame_image, frame_record
 
 from operators.images import encode_image
 from streams.kafka import ensure_topics, producer
-from streams.schemas import DEAD_LETTERS, FRAMES, POSTS, VERDICTS
+from streams.schemas import FRAMES, POSTS, VERDICTS
 
 pytestmark = pytest.mark.integration
 

@@ -4,7 +4,7 @@
 # or size limit reaches existing topics too. Partition counts are never lowered (Kafka cannot).
 #
 # Environment (defaults in brackets):
-#   BOOTSTRAP_SERVER [kafka:9092]   TOPIC_PREFIX [""]   TOPICS [the six inferstream topics]
+#   BOOTSTRAP_SERVER [kafka:9092]   TOPIC_PREFIX [""]   TOPICS [the nine inferstream topics]
 #   PARTITIONS [4]   REPLICATION_FACTOR [1]
 #   INFERSTREAM_MAX_MESSAGE_BYTES [1000000]: the workers' value; topics get it + 64 KiB of record
 #       overhead, exactly as streams/kafka.py ensure_topics() does
@@ -14,7 +14,7 @@ set -eu
 
 BOOTSTRAP_SERVER="${BOOTSTRAP_SERVER:-kafka:9092}"
 TOPIC_PREFIX="${TOPIC_PREFIX:-}"
-TOPICS="${TOPICS:-frames posts events verdicts recommendations dead-letters}"
+TOPICS="${TOPICS:-frames posts events verdicts recommendations dead-letters recommendation-requests user-state shadow-verdicts}"
 PARTITIONS="${PARTITIONS:-4}"
 REPLICATION_FACTOR="${REPLICATION_FACTOR:-1}"
 INFERSTREAM_MAX_MESSAGE_BYTES="${INFERSTREAM_MAX_MESSAGE_BYTES:-1000000}"

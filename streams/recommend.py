@@ -1,0 +1,283 @@
+"""User events -> per-user state -> recommendation lists.
+
+State design (why not a Faust Table): Faust recovers a table's changelog up to the end offset that
+ListOffsets reports, and the embedded broker's answer is wrong (rebuilt tables lost up to 205 of
+20,000 updates: shared/notes/kafka-stack.md); Faust also refuses table writes from batched code, and
+re-applies a redelivered event twice under at-least-once. So the agent keeps state itself, with the
+same changelog idea done so that it is exact on both brokers:
+
+- `user-state` is the changelog: one snapshot per changed user, written to the same partition number
+  as the user's events partition, before the event is acked (OrderedAcker).
+- Recovery: before the first event of an events partition is processed, the state partition is read
+  from the beginning to its high watermark *from fetch responses* (right on tansu and on Kafka);
+  the last snapshot of each user wins. A revoked partition is forgotten and recovered again when it
+  comes back.
+- Idempotence: a state remembers the offset of the last event it applied, so a redelivered event is
+  recognised and skipped (operators.user_state).
+
+Recommendations: a state change that matters (a click or purchase, or every N events) asks the
+Recommender for the user's list; requests for one user within `rec_debounce_s` share one list.
+The Recommender batches all due users: one retrieval pass over the item matrix, one ONNX call for
+all (user, candidate) pairs, then publishes each list (keyed by user) and releases the events that
+asked for it, which are acked only after that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from aiokafka import TopicPartition
+
+from operators.errors import BadInput
+from operators.ranking import CandidateRanker, RankRequest
+from operators.retrieval import CFRetriever, UserHistory
+from operators.user_state import UserState
+from streams import metrics
+from streams.config import Settings
+from streams.kafka import consumer, fetch_high_watermarks
+from streams.logs import record_fields
+from streams.ordered import Output
+from streams.schemas import (
+    DEAD_LETTERS,
+    EVENTS,
+    RECOMMENDATION_REQUESTS,
+    RECOMMENDATION_SCHEMA,
+    RECOMMENDATIONS,
+    USER_STATE,
+    SourceRecord,
+    dead_letter,
+    dumps,
+    parse_event,
+    parse_recommendation_request,
+)
+
+log = logging.getLogger(__name__)
+
+
+class StateStore:
+    """Per-user state of the events partitions this worker holds, backed by the user-state topic."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.topic = settings.topic(USER_STATE)
+        self.states: dict[str, UserState] = {}
+        self.partition_of: dict[str, int] = {}
+        self.recovered: set[int] = set()
+        self._locks: dict[int, asyncio.Lock] = {}
+
+    async def ensure(self, partition: int) -> None:
+        """Recover `partition`'s states once, before any of its events is applied."""
+        if partition in self.recovered:
+            return
+        lock = self._locks.setdefault(partition, asyncio.Lock())
+        async with lock:
+            if partition in self.recovered:
+                return
+            started = time.monotonic()
+            n = await self._recover(partition)
+            self.recovered.add(partition)
+            log.info("recovered %d user states of partition %d in %.2fs", n, partition, time.monotonic() - started)
+
+    async def _recover(self, partition: int) -> int:
+        kafka = consumer(self.settings, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest")
+        await kafka.start()
+        try:
+            tp = TopicPartition(self.topic, partition)
+            kafka.assign([tp])
+            end = (await fetch_high_watermarks(kafka, [tp]))[partition]
+            kafka.seek(tp, (await kafka.beginning_offsets([tp]))[tp])
+            users = 0
+            while end and await kafka.position(tp) < end:
+                for records in (await kafka.getmany(tp, timeout_ms=500)).values():
+                    for r in records:
+                        if r.offset < end and r.value:
+                            state = UserState.from_dict(json.loads(r.value))
+                            users += state.user_id not in self.states
+                            self.states[state.user_id] = state
+                            self.partition_of[state.user_id] = partition
+            return users
+        finally:
+            await kafka.stop()
+
+    def forget(self, partitions: set[int]) -> None:
+        """Partitions revoked: drop their states; recovered again if they come back."""
+        self.recovered -= partitions
+        for user in [u for u, p in self.partition_of.items() if p in partitions]:
+            self.states.pop(user, None)
+            self.partition_of.pop(user, None)
+
+    def get(self, user_id: str, partition: int) -> UserState:
+        state = self.states.get(user_id)
+        if state is None:
+            state = self.states[user_id] = UserState(user_id)
+            self.partition_of[user_id] = partition
+        return state
+
+    def snapshot(self, state: UserState) -> Output:
+        return Output(self.topic, state.user_id.encode(), dumps(state.to_dict()), partition=self.partition_of[state.user_id])
+
+
+class Recommender:
+    """Debounced, batched retrieval -> ranking -> published lists."""
+
+    def __init__(self, settings: Settings, retriever: CFRetriever, ranker: CandidateRanker | None, send) -> None:
+        self.settings = settings
+        self.retriever = retriever
+        self.ranker = ranker
+        self.send = send
+        self.topic = settings.topic(RECOMMENDATIONS)
+        self._pending: dict[str, tuple[float, asyncio.Future, UserState, dict[str, Any]]] = {}
+        self._wakeup = asyncio.Event()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="recommend")
+        self.lists_published = 0
+
+    @property
+    def models(self) -> dict[str, str]:
+        return {"retrieval": self.retriever.ref, **({"ranking": self.ranker.ref} if self.ranker else {})}
+
+    def request(self, state: UserState, reason: str, k: int | None = None, request_id: str | None = None,
+                immediate: bool = False) -> asyncio.Future:
+        """The future of `state.user_id`'s next list; requests within the debounce window share it."""
+        pending = self._pending.get(state.user_id)
+        if pending is not None:
+            if immediate:  # an explicit request does not wait for the debounce window
+                self._pending[state.user_id] = (time.monotonic(), pending[1], state, {**pending[3], "request_id": request_id})
+                self._wakeup.set()
+            return pending[1]
+        due = time.monotonic() + (0 if immediate else self.settings.rec_debounce_s)
+        future = asyncio.get_running_loop().create_future()
+        self._pending[state.user_id] = (due, future, state, {"reason": reason, "k": k or self.settings.rec_k,
+                                                             "request_id": request_id})
+        self._wakeup.set()
+        return future
+
+    async def run(self) -> None:
+        while True:
+            if not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            now = time.monotonic()
+            next_due = min(due for due, *_ in self._pending.values())
+            if next_due > now:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), next_due - now)
+                except TimeoutError:
+                    pass  # the earliest list is due
+                continue
+            due_users = [u for u, (due, *_) in self._pending.items() if due <= now]
+            batch = [(u, *self._pending.pop(u)[1:]) for u in due_users]
+            try:
+                await self._publish(batch)
+            except Exception as exc:  # the events waiting for these lists fail into dead letters
+                for _, future, _, _ in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+
+    def _compute(self, states: list[UserState], ks: list[int]) -> list[dict[str, Any]]:
+        k_max = max(ks)
+        histories = [UserHistory(s.user_id, s.seen_items, s.recent_items, s.n_events) for s in states]
+        retrievals = self.retriever.retrieve(histories, k=max(k_max * 5, 50) if self.ranker else k_max)
+        if self.ranker is None:
+            ranked = [(r.item_ids, r.scores, [None] * len(r.item_ids)) for r in retrievals]
+        else:
+            # context hour = the hour of the user's latest activity: deterministic, so a replay or a
+            # restarted worker computes the same list as the live one did
+            rankings = self.ranker.rank([RankRequest.from_retrieval(r, _activity_hour(s), s.recent_items)
+                                         for r, s in zip(retrievals, states, strict=True)], k=k_max)
+            ranked = [(x.item_ids, x.scores, x.click_probabilities) for x in rankings]
+        lists = []
+        for state, retrieval, (items, scores, probs), k in zip(states, retrievals, ranked, ks, strict=True):
+            lists.append({"user_id": state.user_id, "source": retrieval.source,
+                          "items": [{"rank": i + 1, "item_id": it, "score": round(float(sc), 6),
+                                     "click_probability": None if p is None else round(float(p), 6)}
+                                    for i, (it, sc, p) in enumerate(zip(items[:k], scores[:k], probs[:k], strict=True))]})
+        return lists
+
+    async def _publish(self, batch) -> None:
+        states = [state for _, _, state, _ in batch]
+        infos = [info for *_, info in batch]
+        started = time.perf_counter()
+        lists = await asyncio.get_running_loop().run_in_executor(self._pool, self._compute, states, [i["k"] for i in infos])
+        metrics.INFERENCE.labels("recommender", "1").observe(time.perf_counter() - started)
+        metrics.BATCH_SIZE.labels("recommender", "1").observe(len(batch))
+        deliveries = []
+        for state, info, body in zip(states, infos, lists, strict=True):
+            record = {"schema": RECOMMENDATION_SCHEMA, **body, "reason": info["reason"], "request_id": info["request_id"],
+                      "based_on_events": state.n_events, "models": self.models,
+                      "generated_at": datetime.now(UTC).isoformat()}
+            deliveries.append(await self.send(Output(self.topic, state.user_id.encode(), dumps(record))))
+            state.events_since_recommendation = 0
+        await asyncio.gather(*deliveries)
+        self.lists_published += len(batch)
+        for (_, future, _, _), body in zip(batch, lists, strict=True):
+            if not future.done():
+                future.set_result(body)
+
+
+def _activity_hour(state: UserState) -> int:
+    return datetime.fromisoformat(state.last_ts).astimezone(UTC).hour if state.last_ts else datetime.now(UTC).hour
+
+
+class RecommendationPipeline:
+    def __init__(self, settings: Settings, store: StateStore, recommender: Recommender) -> None:
+        self.settings = settings
+        self.store = store
+        self.recommender = recommender
+        self.dead_letters_topic = settings.topic(DEAD_LETTERS)
+        self.trigger_kinds = {k.strip() for k in settings.rec_on_kinds.split(",") if k.strip()}
+
+    async def handle(self, source: SourceRecord) -> list[Output]:
+        """Never raises: bad records become dead letters."""
+        try:
+            if source.topic == self.settings.topic(EVENTS):
+                return await self._event(source)
+            return await self._request(source)
+        except BadInput as exc:
+            return [self._dead_letter(source, exc.reason, exc.detail)]
+        except Exception as exc:
+            log.exception("recommendation failed: %s", exc, extra=record_fields(source, stage="recommend"))
+            return [self._dead_letter(source, "internal_error", f"{type(exc).__name__}: {exc}")]
+
+    async def _event(self, source: SourceRecord) -> list[Output]:
+        event = parse_event(source.value)
+        ts = datetime.fromisoformat(event["ts"])
+        if ts > datetime.now(UTC) + timedelta(seconds=self.settings.max_event_future_s):
+            raise BadInput("timestamp_in_future", f"ts {event['ts']} is more than {self.settings.max_event_future_s:.0f}s ahead")
+        row = self.recommender.retriever.item_index.rows([event["item_id"]])[0]
+        if row < 0:  # counted and skipped: not the producer's fault that the catalogue is older
+            metrics.UNKNOWN_ITEMS.labels(source.topic).inc()
+            return []
+        await self.store.ensure(source.partition)
+        state = self.store.get(event["user_id"], source.partition)
+        category = str(int(self.recommender.retriever.item_categories[row]))
+        if not state.apply(event, source.offset, category):
+            return []  # a redelivery of an event this state already holds
+        if event["kind"] in self.trigger_kinds:
+            await self.recommender.request(state, f"event:{event['kind']}")
+        elif state.events_since_recommendation >= self.settings.rec_every_n_events:
+            await self.recommender.request(state, f"every {self.settings.rec_every_n_events} events")
+        return [self.store.snapshot(state)]
+
+    async def _request(self, source: SourceRecord) -> list[Output]:
+        request = parse_recommendation_request(source.value)
+        await self.store.ensure(source.partition)
+        state = self.store.get(request["user_id"], source.partition)
+        await self.recommender.request(state, "request", request["k"], request["request_id"], immediate=True)
+        return []
+
+    def _dead_letter(self, source: SourceRecord, reason: str, detail: str) -> Output:
+        metrics.DEAD_LETTERS.labels(source.topic, reason).inc()
+        log.warning("dead letter: %s: %s", reason, detail, extra=record_fields(source, reason=reason, stage="recommend"))
+        return Output(self.dead_letters_topic, source.key, dumps(dead_letter(source, reason, detail, "recommend")))
+
+
+def recommendation_topics(settings: Settings) -> tuple[str, str]:
+    return settings.topic(EVENTS), settings.topic(RECOMMENDATION_REQUESTS)

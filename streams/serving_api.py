@@ -1,0 +1,202 @@
+"""What the REST endpoints do, without HTTP: model list, synchronous predict and moderate, and the
+admin changes of the model registry. streams/web.py maps routes onto these methods; errors are
+`ApiError(status, error, detail)`, which web.py turns into a JSON body.
+
+Synchronous predictions go through the same stage (operator + micro-batcher) as the stream, so they
+are batched together with stream traffic and served by the same version; raw tensors
+(`{"inputs": ...}`) run the model's session directly, like gRPC Predict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from typing import Any
+
+import numpy as np
+
+from operators.batcher import BatchFailed
+from operators.errors import BadInput
+from operators.images import ImageLimits, decode_image
+from operators.model_repository import ModelConfigError
+from operators.moderation import ModelFailed
+from operators.registry import (
+    Conflict,
+    LoadFailed,
+    ModelRegistry,
+    NotLoaded,
+    ServingStateError,
+    TensorError,
+    check_feeds,
+    run_requests,
+)
+from streams.config import Settings
+
+ADMIN_ACTIONS = ("load", "promote", "rollback", "split", "shadow", "reload")
+IMAGE_TYPES = {"image/jpeg": "jpeg", "image/jpg": "jpeg", "image/png": "png"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.error = error
+        self.detail = detail
+
+    def body(self) -> dict[str, str]:
+        return {"error": self.error, "detail": self.detail}
+
+
+def _errors(exc: Exception) -> ApiError:
+    """The HTTP answer for an exception of the serving layer."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, ModelConfigError):
+        return ApiError(404, "not_found", str(exc))
+    if isinstance(exc, NotLoaded):
+        return ApiError(409, "not_loaded", str(exc))
+    if isinstance(exc, LoadFailed):
+        return ApiError(422, "load_failed", f"{exc}; the current version keeps serving")
+    if isinstance(exc, ServingStateError):
+        return ApiError(409 if isinstance(exc, Conflict) else 400, "invalid_change", str(exc))
+    if isinstance(exc, (TensorError, BadInput)):
+        return ApiError(400, getattr(exc, "reason", "bad_tensor"), getattr(exc, "detail", str(exc)))
+    if isinstance(exc, (ModelFailed, BatchFailed)):
+        return ApiError(500, "inference_failed", str(exc))
+    raise exc
+
+
+def _json(body: bytes) -> Any:
+    if not body.strip():
+        return {}
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "malformed_json", f"the body is not JSON: {exc}") from exc
+
+
+class ServingAPI:
+    def __init__(self, registry: ModelRegistry, settings: Settings, pipeline: Any | None = None) -> None:
+        """`pipeline`: the worker's ModerationPipeline (for /moderate); None where there is none."""
+        self.registry = registry
+        self.settings = settings
+        self.pipeline = pipeline
+        self.limits = ImageLimits(settings.max_image_side, settings.max_image_pixels)
+
+    def authorize(self, authorization: str | None) -> None:
+        """Admin endpoints need `Authorization: Bearer <api_token>`; with no token configured they are off."""
+        expected = self.settings.api_token
+        if not expected:
+            raise ApiError(403, "admin_disabled",
+                           "admin endpoints are disabled on this worker: set INFERSTREAM_API_TOKEN to enable them")
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+            raise ApiError(401, "unauthorized", "admin endpoints need the header 'Authorization: Bearer <api token>'")
+
+    def models(self) -> dict[str, Any]:
+        return self.registry.describe()
+
+    def model(self, name: str) -> dict[str, Any]:
+        return next(m for m in self.registry.describe()["models"] if m["name"] == name)
+
+    async def predict(self, name: str, body: bytes, content_type: str, version: str | None = None,
+                      key: str | None = None) -> dict[str, Any]:
+        """An image (raw bytes, `image/jpeg` or `image/png`), `{"text": ...}`, or `{"inputs": {...}}`
+        raw tensors -> the operator's `as_dict()` result (or the output tensors) and the version used."""
+        try:
+            lease = await self.registry.acquire(name, version, key)
+            with lease:
+                stage = lease.stage
+                answer = {"model": name, "version": stage.model.config.version, "provider": stage.model.session.provider,
+                          "task": stage.model.config.task}
+                content_type = (content_type or "").split(";")[0].strip().lower()
+                if content_type.startswith("image/"):
+                    if content_type not in IMAGE_TYPES:
+                        raise ApiError(415, "unsupported_media_type", f"{content_type}: send image/jpeg or image/png")
+                    value = await asyncio.to_thread(decode_image, body, IMAGE_TYPES[content_type], limits=self.limits)
+                    return {**answer, "result": await self._through_operator(stage, "image", value)}
+                request = _json(body)
+                if not isinstance(request, dict) or not ({"text", "inputs"} & set(request)):
+                    raise ApiError(400, "bad_request", 'send an image (image/jpeg, image/png), {"text": ...} or {"inputs": {...}}')
+                if "text" in request:
+                    if not isinstance(request["text"], str):
+                        raise ApiError(400, "bad_request", '"text" must be a string')
+                    return {**answer, "result": await self._through_operator(stage, "text", request["text"])}
+                return {**answer, "outputs": await self._tensors(stage, request["inputs"], request.get("outputs"))}
+        except (ModelConfigError, NotLoaded, TensorError, BadInput, BatchFailed) as exc:
+            raise _errors(exc) from exc
+
+    async def _through_operator(self, stage, kind: str, value: Any) -> Any:
+        if stage.input_kind != kind:
+            takes = stage.input_kind or 'raw tensors ({"inputs": ...})'
+            raise ApiError(400, "wrong_input", f"{stage.ref} ({stage.model.config.task}) takes {takes}, not {kind}")
+        item = await asyncio.to_thread(stage.operator.preprocess, value)
+        return (await stage.batcher.submit(item)).as_dict()
+
+    async def _tensors(self, stage, inputs: Any, outputs: Any) -> dict[str, Any]:
+        """`{name: nested list}` or `{name: {"dtype", "shape", "data"}}` -> the session's outputs as
+        `{name: {"dtype", "shape", "data"}}`."""
+        if not isinstance(inputs, dict):
+            raise ApiError(400, "bad_request", '"inputs" must map input names to tensors')
+        declared = {s.name: s for s in stage.model.session.inputs}
+        feeds = {}
+        for name, value in inputs.items():
+            spec = declared.get(name)
+            spec_dtype = "string" if spec is not None and spec.dtype == np.dtype(object) else (spec.dtype.name if spec else "float32")
+            data, dtype, shape = (value.get("data"), value.get("dtype", spec_dtype), value.get("shape")) \
+                if isinstance(value, dict) else (value, spec_dtype, None)
+            try:
+                array = np.array(data, dtype=object if dtype == "string" else np.dtype(dtype))
+                feeds[name] = array.reshape(shape) if shape is not None else array
+            except (TypeError, ValueError) as exc:
+                raise TensorError(f"input {name!r}: {exc}") from exc
+        feeds = check_feeds(stage.model.session, feeds, outputs)
+        (result,) = await asyncio.to_thread(run_requests, stage.model.session, [feeds], outputs or None)
+        return {n: {"dtype": "string" if a.dtype == np.dtype(object) else a.dtype.name, "shape": list(a.shape),
+                    "data": a.tolist()} for n, a in result.items()}
+
+    async def moderate(self, body: bytes) -> dict[str, Any]:
+        """A post (the `posts` schema) -> the verdict's fields, produced to no topic."""
+        if self.pipeline is None:
+            raise ApiError(404, "not_found", "this server runs no moderation pipeline")
+        try:
+            return await self.pipeline.moderate_post(body)
+        except (BadInput, ModelFailed) as exc:
+            raise _errors(exc) from exc
+
+    async def admin(self, action: str, name: str, body: bytes) -> dict[str, Any]:
+        """One admin change of model `name`; answers the model's entry of /models after the change."""
+        request = _json(body)
+        if not isinstance(request, dict):
+            raise ApiError(400, "bad_request", "the body must be a JSON object")
+        registry = self.registry
+        try:
+            if action == "load":
+                await registry.pin(name, None if request.get("version") is None else str(request["version"]))
+            elif action == "promote":
+                if request.get("version") is None:
+                    raise ApiError(400, "bad_request", 'promote needs {"version": ...}')
+                await registry.promote(name, str(request["version"]))
+            elif action == "rollback":
+                await registry.rollback(name)
+            elif action == "split":
+                await registry.set_split(name, request["split"] if set(request) == {"split"} else request)
+            elif action == "shadow":
+                version = request.get("version")
+                await registry.set_shadow(name, None if version is None else str(version),
+                                          float(request.get("sample_rate", 1.0)))
+            elif action == "reload":
+                await registry.reload(name)
+            else:
+                raise ApiError(404, "not_found", f"unknown admin action {action!r}")
+        except (ModelConfigError, LoadFailed, ServingStateError, NotLoaded) as exc:
+            raise _errors(exc) from exc
+        except (TypeError, ValueError) as exc:
+            raise ApiError(400, "bad_request", str(exc)) from exc
+        return self.model(name)
+
+    async def reload_all(self) -> dict[str, Any]:
+        """Rescan the repository and the serving state file now (what the poll does every few seconds)."""
+        report = await self.registry.refresh()
+        return {**report, **self.registry.describe()}
