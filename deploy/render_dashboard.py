@@ -101,7 +101,7 @@ def main() -> int:
             def feed():
                 n = 0
                 while time.monotonic() < stop:
-                    produce_video(settings, video, f"cam-{n % 3}", realtime=2.0)
+                    produce_video(settings, video, f"cam-{n % 3}", realtime=1.0)
                     produce_jsonl(settings, "posts", posts)
                     asyncio.run(_bad_records(settings))
                     n += 1
