@@ -109,3 +109,19 @@ def test_topic_applies_the_prefix():
 def test_to_env_round_trips_through_load():
     s = Settings(broker="b:1", partitions=7, session_timeout_s=2.5, topic_prefix="p-", api_token="tok")
     assert Settings.load(env=s.to_env()) == s
+
+
+def test_faust_gets_the_same_sasl_and_ssl_settings_as_the_kafka_clients(tmp_path):
+    import faust
+
+    from streams.app import faust_credentials
+
+    sasl = Settings(security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512", sasl_username="svc",
+                    sasl_password="s3cret")
+    creds = faust_credentials(sasl)
+    assert isinstance(creds, faust.SASLCredentials)
+    assert (creds.username, creds.password, creds.mechanism.value) == ("svc", "s3cret", "SCRAM-SHA-512")
+    assert creds.ssl_context is not None  # SASL_SSL: TLS as well
+    assert isinstance(faust_credentials(Settings(security_protocol="SSL")), faust.SSLCredentials)
+    assert faust_credentials(Settings()) is None
+    assert "s3cret" not in str(sasl.redacted())
