@@ -33,6 +33,7 @@ test: models
 bench: models
 	$(BIN)/python bench/frames_throughput.py
 	$(BIN)/python bench/models_throughput.py
+	$(BIN)/python bench/events_throughput.py
 
 lint: install
 	$(BIN)/ruff check streams operators models tests bench

@@ -91,13 +91,13 @@ def raw_topic(app: faust.App, settings: Settings, *names: str) -> faust.TopicT:
 
 
 def _ordered_agent(app: faust.App, settings: Settings, topic_name: str, handle, send, *more_topics: str,
-                   background=None):
+                   background=None, max_in_flight: int | None = None):
     """An agent over raw records of `topic_name` (and `more_topics`) whose outputs are delivered
     before each ack; `background()` is a coroutine run alongside it (e.g. the recommender loop)."""
 
     @app.agent(raw_topic(app, settings, topic_name, *more_topics), name=topic_name)
     async def agent(stream):
-        acker = OrderedAcker(send, settings.max_in_flight, name=settings.topic(topic_name))
+        acker = OrderedAcker(send, max_in_flight or settings.max_in_flight, name=settings.topic(topic_name))
         delivering = asyncio.ensure_future(acker.run())
         helper = asyncio.ensure_future(background()) if background else None
         try:
@@ -231,5 +231,7 @@ def _recommendation_agent(app: faust.App, settings: Settings, send) -> None:
     async def _forget(sender, revoked, **kwargs) -> None:
         store.forget({tp.partition for tp in revoked if tp.topic == settings.topic(EVENTS)})
 
-    _ordered_agent(app, settings, EVENTS, pipeline.handle, send, RECOMMENDATION_REQUESTS, background=recommender.run)
+    # events wait (unacked) for their debounced list: the window must hold rec_debounce_s of traffic
+    _ordered_agent(app, settings, EVENTS, pipeline.handle, send, RECOMMENDATION_REQUESTS, background=recommender.run,
+                   max_in_flight=settings.events_max_in_flight)
     log.info("recommendations from %s", recommender.models)

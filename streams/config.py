@@ -59,6 +59,7 @@ class Settings:
     rec_every_n_events: int = 5  # ... or every N events of a user
     rec_debounce_s: float = 1.0  # requests for one user within this window share one list
     rec_k: int = 10
+    events_max_in_flight: int = 8192  # events awaiting their debounced list before consuming pauses
     max_event_future_s: float = 300.0  # events stamped further ahead are dead-lettered
     # Input limits (dead-lettered beyond these)
     max_image_side: int = 8192

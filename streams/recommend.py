@@ -217,6 +217,7 @@ class Recommender:
             state.events_since_recommendation = 0
         await asyncio.gather(*deliveries)
         self.lists_published += len(batch)
+        metrics.RECORDS_PRODUCED.labels(self.topic).inc(len(batch))
         for (_, future, _, _), body in zip(batch, lists, strict=True):
             if not future.done():
                 future.set_result(body)
