@@ -10,7 +10,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from streams.config import Settings
-from streams.schemas import ALL_TOPICS
+from streams.schemas import ALL_TOPICS, USER_STATE
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,10 @@ async def ensure_topics(settings: Settings, names: tuple[str, ...] = ALL_TOPICS)
         wanted = [settings.topic(n) for n in names if settings.topic(n) not in existing]
         if not wanted:
             return []
+        compacted = {settings.topic(USER_STATE)}  # a changelog: the last state per user is what counts
         new = [NewTopic(name, num_partitions=settings.partitions, replication_factor=settings.replication_factor,
-                        topic_configs={"max.message.bytes": str(settings.max_message_bytes + _REQUEST_HEADROOM)})
+                        topic_configs={"max.message.bytes": str(settings.max_message_bytes + _REQUEST_HEADROOM),
+                                       **({"cleanup.policy": "compact"} if name in compacted else {})})
                for name in wanted]
         try:
             await admin.create_topics(new)

@@ -567,7 +567,11 @@ def test_topic_script_creates_the_topics_the_workers_expect(services, worker_set
         configs = dict(c.split("=", 1) for c in _flag_values(call, "--config"))
         # the same topic limit the workers' ensure_topics would set
         assert int(configs["max.message.bytes"]) == worker_settings.max_message_bytes + REQUEST_HEADROOM
-        assert int(configs["retention.ms"]) > 0
+        if _flag_values(call, "--topic")[0].endswith("user-state"):
+            # the recommender's changelog: compacted, kept forever (the last state of every user)
+            assert configs["cleanup.policy"] == "compact" and configs["retention.ms"] == "-1"
+        else:
+            assert configs["cleanup.policy"] == "delete" and int(configs["retention.ms"]) > 0
     kafka_env = service_env(services["kafka"])
     assert worker_settings.max_message_bytes + REQUEST_HEADROOM <= int(kafka_env["KAFKA_MESSAGE_MAX_BYTES"])
     altered = sorted(_flag_values(c, "--entity-name")[0] for c in calls if c[0] == "kafka-configs.sh")

@@ -27,16 +27,19 @@ TOPIC_MAX_MESSAGE_BYTES=$((INFERSTREAM_MAX_MESSAGE_BYTES + 65536))
 
 for name in $TOPICS; do
     topic="${TOPIC_PREFIX}${name}"
+    policy="delete"
     case "$name" in
         frames) retention="$RETENTION_MS_FRAMES" ;;
         dead-letters) retention="$RETENTION_MS_DEAD_LETTERS" ;;
+        user-state) retention="-1"; policy="compact" ;;   # the recommender's changelog: last state per user
         *) retention="$RETENTION_MS" ;;
     esac
-    configs="max.message.bytes=${TOPIC_MAX_MESSAGE_BYTES},retention.ms=${retention}"
+    configs="max.message.bytes=${TOPIC_MAX_MESSAGE_BYTES},retention.ms=${retention},cleanup.policy=${policy}"
     echo "topic-init: ${topic} (partitions=${PARTITIONS}, replication=${REPLICATION_FACTOR}, ${configs})"
     "$KAFKA_BIN/kafka-topics.sh" --bootstrap-server "$BOOTSTRAP_SERVER" --create --if-not-exists \
         --topic "$topic" --partitions "$PARTITIONS" --replication-factor "$REPLICATION_FACTOR" \
-        --config "max.message.bytes=${TOPIC_MAX_MESSAGE_BYTES}" --config "retention.ms=${retention}"
+        --config "max.message.bytes=${TOPIC_MAX_MESSAGE_BYTES}" --config "retention.ms=${retention}" \
+        --config "cleanup.policy=${policy}"
     "$KAFKA_BIN/kafka-configs.sh" --bootstrap-server "$BOOTSTRAP_SERVER" --alter \
         --entity-type topics --entity-name "$topic" --add-config "$configs"
 done
