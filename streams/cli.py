@@ -186,7 +186,8 @@ def tail(ctx, topic, count, timeout_s, from_end, with_meta) -> None:
 
 
 @main.command()
-@click.option("--source", required=True, type=click.Choice(["posts", "frames"]), help="Topic to re-process.")
+@click.option("--source", required=True, type=click.Choice(["posts", "frames", "events"]),
+              help="Topic to re-process (events: recommendation lists of the users active in the range).")
 @click.option("--from", "start", help="Range start: ISO-8601 time, OFFSET (every partition), P:O,P:O, or earliest (default).")
 @click.option("--to", "end", help="Range end (exclusive): ISO-8601 time, OFFSET, P:O,..., or latest (default: the end now).")
 @click.option("--output", required=True, help="Topic for the replayed verdicts (keys name the model versions).")
@@ -219,7 +220,17 @@ def replay(ctx, source, start, end, output, models, policy, report, compare_topi
     except ReplayError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(json.dumps(summary))
-    if report:
+    if report and source == "events":
+        from streams.replay_report import compare_lists, format_list_report
+        from streams.schemas import RECOMMENDATIONS
+
+        baseline_topic = compare_topic or settings.topic(RECOMMENDATIONS)
+        mine = [v for v in asyncio.run(read_verdicts(settings, output)) if v.get("replay", {}).get("run") == summary["run"]]
+        base = [v for v in asyncio.run(read_verdicts(settings, baseline_topic)) if compare_topic or "replay" not in v]
+        result = {"replay": summary, "baseline_topic": baseline_topic, **compare_lists(mine, base, k=settings.rec_k)}
+        Path(report).write_text(json.dumps(result, indent=2))
+        click.echo(format_list_report(result), err=True)
+    elif report:
         baseline_topic = compare_topic or settings.topic(VERDICTS)
         mine = [v for v in asyncio.run(read_verdicts(settings, output)) if v.get("replay", {}).get("run") == summary["run"]]
         base = [v for v in asyncio.run(read_verdicts(settings, baseline_topic))

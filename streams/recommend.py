@@ -182,24 +182,7 @@ class Recommender:
                         future.set_exception(exc)
 
     def _compute(self, states: list[UserState], ks: list[int]) -> list[dict[str, Any]]:
-        k_max = max(ks)
-        histories = [UserHistory(s.user_id, s.seen_items, s.recent_items, s.n_events) for s in states]
-        retrievals = self.retriever.retrieve(histories, k=max(k_max * 5, 50) if self.ranker else k_max)
-        if self.ranker is None:
-            ranked = [(r.item_ids, r.scores, [None] * len(r.item_ids)) for r in retrievals]
-        else:
-            # context hour = the hour of the user's latest activity: deterministic, so a replay or a
-            # restarted worker computes the same list as the live one did
-            rankings = self.ranker.rank([RankRequest.from_retrieval(r, _activity_hour(s), s.recent_items)
-                                         for r, s in zip(retrievals, states, strict=True)], k=k_max)
-            ranked = [(x.item_ids, x.scores, x.click_probabilities) for x in rankings]
-        lists = []
-        for state, retrieval, (items, scores, probs), k in zip(states, retrievals, ranked, ks, strict=True):
-            lists.append({"user_id": state.user_id, "source": retrieval.source,
-                          "items": [{"rank": i + 1, "item_id": it, "score": round(float(sc), 6),
-                                     "click_probability": None if p is None else round(float(p), 6)}
-                                    for i, (it, sc, p) in enumerate(zip(items[:k], scores[:k], probs[:k], strict=True))]})
-        return lists
+        return compute_lists(self.retriever, self.ranker, states, ks)
 
     async def _publish(self, batch) -> None:
         states = [state for _, _, state, _ in batch]
@@ -221,6 +204,30 @@ class Recommender:
         for (_, future, _, _), body in zip(batch, lists, strict=True):
             if not future.done():
                 future.set_result(body)
+
+
+def compute_lists(retriever: CFRetriever, ranker: CandidateRanker | None, states: list[UserState],
+                  ks: list[int]) -> list[dict[str, Any]]:
+    """Lists for many users at once: one retrieval pass, one ranking call. Shared by the live agent
+    and the events replay, so a backfill computes exactly what the live path would."""
+    k_max = max(ks)
+    histories = [UserHistory(s.user_id, s.seen_items, s.recent_items, s.n_events) for s in states]
+    retrievals = retriever.retrieve(histories, k=max(k_max * 5, 50) if ranker else k_max)
+    if ranker is None:
+        ranked = [(r.item_ids, r.scores, [None] * len(r.item_ids)) for r in retrievals]
+    else:
+        # context hour = the hour of the user's latest activity: deterministic, so a replay or a
+        # restarted worker computes the same list as the live one did
+        rankings = ranker.rank([RankRequest.from_retrieval(r, _activity_hour(s), s.recent_items)
+                                for r, s in zip(retrievals, states, strict=True)], k=k_max)
+        ranked = [(x.item_ids, x.scores, x.click_probabilities) for x in rankings]
+    lists = []
+    for state, retrieval, (items, scores, probs), k in zip(states, retrievals, ranked, ks, strict=True):
+        lists.append({"user_id": state.user_id, "source": retrieval.source,
+                      "items": [{"rank": i + 1, "item_id": it, "score": round(float(sc), 6),
+                                 "click_probability": None if p is None else round(float(p), 6)}
+                                for i, (it, sc, p) in enumerate(zip(items[:k], scores[:k], probs[:k], strict=True))]})
+    return lists
 
 
 def _activity_hour(state: UserState) -> int:

@@ -41,11 +41,11 @@ from streams.config import Settings
 from streams.kafka import consumer, ensure_topics, fetch_high_watermarks, producer
 from streams.moderation import ModerationPipeline
 from streams.ordered import OrderedAcker, Output
-from streams.schemas import DEAD_LETTERS, FRAMES, POSTS, SourceRecord, decode_headers
+from streams.schemas import DEAD_LETTERS, EVENTS, FRAMES, POSTS, SourceRecord, decode_headers
 
 log = logging.getLogger(__name__)
 
-SOURCES = (POSTS, FRAMES)
+SOURCES = (POSTS, FRAMES, EVENTS)
 
 
 class ReplayError(ValueError):
@@ -213,7 +213,11 @@ def run_id(options: ReplayOptions, settings: Settings) -> dict[str, Any]:
 
 async def replay(settings: Settings, options: ReplayOptions) -> dict[str, Any]:
     if options.source not in SOURCES:
-        raise ReplayError(f"--source must be one of {', '.join(SOURCES)} (events replay comes with the recommendation agent)")
+        raise ReplayError(f"--source must be one of {', '.join(SOURCES)}")
+    if options.source == EVENTS:
+        from streams.replay_events import replay_events
+
+        return await replay_events(settings, options)
     policy = pinned_policy(Policy.load(options.policy or settings.policy), options.models)
     run = run_id(options, settings)
     digest = hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:12]

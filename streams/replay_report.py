@@ -130,3 +130,41 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"  {d['id']}: {'safe' if d['baseline_safe'] else 'UNSAFE'} -> {'safe' if d['replay_safe'] else 'UNSAFE'}"
                      f" {' '.join(d['checks_changed'])} (max delta {d['max_score_delta']:.4f})")
     return "\n".join(lines)
+
+
+def compare_lists(replayed: list[dict[str, Any]], baseline: list[dict[str, Any]], k: int = 10, top: int = 20) -> dict[str, Any]:
+    """Recommendation lists against a baseline, per user: overlap@K (shared items / K) and Kendall's
+    tau between the two rankings of the shared items."""
+    from scipy.stats import kendalltau
+
+    base = {v["user_id"]: v for v in baseline}  # the latest list per user wins
+    mine = {v["user_id"]: v for v in replayed}
+    compared = [u for u in mine if u in base]
+    overlaps, taus, rows = [], [], []
+    for user in compared:
+        new = [i["item_id"] for i in mine[user]["items"][:k]]
+        old = [i["item_id"] for i in base[user]["items"][:k]]
+        shared = [item for item in new if item in old]
+        overlap = len(shared) / k
+        tau = None
+        if len(shared) >= 2:
+            tau = float(kendalltau([new.index(i) for i in shared], [old.index(i) for i in shared]).statistic)
+            taus.append(tau)
+        overlaps.append(overlap)
+        rows.append({"user_id": user, f"overlap@{k}": round(overlap, 4), "kendall_tau": None if tau is None else round(tau, 4)})
+    rows.sort(key=lambda r: (r[f"overlap@{k}"], r["kendall_tau"] if r["kendall_tau"] is not None else -2, r["user_id"]))
+    mean = lambda xs: round(sum(xs) / len(xs), 6) if xs else None  # noqa: E731
+    return {"replayed": len(mine), "compared": len(compared), "missing_in_baseline": len(mine) - len(compared),
+            f"mean_overlap@{k}": mean(overlaps), "mean_kendall_tau": mean(taus),
+            "identical_lists": sum(1 for u in compared if [i["item_id"] for i in mine[u]["items"][:k]]
+                                   == [i["item_id"] for i in base[u]["items"][:k]]),
+            "least_similar": rows[:top]}
+
+
+def format_list_report(report: dict[str, Any]) -> str:
+    key = next(k for k in report if k.startswith("mean_overlap@"))
+    lines = [f"compared {report['compared']} of {report['replayed']} replayed lists ({report['missing_in_baseline']} had no baseline)",
+             f"{key.replace('mean_', 'mean ')}: {report[key]}, mean Kendall tau: {report['mean_kendall_tau']}, "
+             f"identical: {report['identical_lists']}"]
+    lines += [f"  {r['user_id']}: {r}" for r in report["least_similar"][:5]]
+    return "\n".join(lines)

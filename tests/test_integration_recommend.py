@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import urllib.request
+from datetime import UTC, datetime
 
 import pytest
 from conftest import wait_until
@@ -29,11 +30,11 @@ def rec_settings(settings, tiny_repo):
     return settings.replace(recommendations="on", rec_every_n_events=1000, rec_debounce_s=1.0, rec_k=10)
 
 
-def events_for(user: str, items: list[str], click_last: bool = True) -> list[tuple[bytes, bytes, None]]:
+def events_for(user: str, items: list[str], click_last: bool = True, hour: int = 9) -> list[tuple[bytes, bytes, None]]:
     out = []
     for n, item in enumerate(items):
         kind = "click" if click_last and n == len(items) - 1 else "view"
-        ts = f"2026-11-25T09:{n:02d}:00Z"
+        ts = f"2026-11-25T{hour:02d}:{n:02d}:00Z"
         out.append((user.encode(), json.dumps({"user_id": user, "item_id": item, "kind": kind, "ts": ts}).encode(), None))
     return out
 
@@ -111,3 +112,56 @@ def test_bad_events_are_dead_lettered_and_unknown_items_counted(rec_settings, st
 
     assert wait_until(lambda: any(line.endswith(" 1.0") for line in unknown_count()), 10)
     assert worker.alive()
+
+
+def test_events_replay_reproduces_live_lists_and_selects_users_by_time(rec_settings, start_worker, run, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from kafka_helpers import ids  # noqa: F401  (shared helpers)
+
+    from streams.kafka import ensure_topics, producer
+
+    users = {f"u{2000 + n}": [f"i{(53 * n + 7 * j) % 300:04d}" for j in range(6)] for n in range(4)}
+    records = [(r, 9 if n < 2 else 10) for n, (u, items) in enumerate(users.items())
+               for r in events_for(u, items, hour=9 if n < 2 else 10)]
+
+    async def send_with_record_times():  # the replay range selects by Kafka record timestamp
+        await ensure_topics(rec_settings)
+        kafka = producer(rec_settings)
+        await kafka.start()
+        try:
+            for (key, value, _), hour in records:
+                ts = int(datetime(2026, 11, 25, hour, tzinfo=UTC).timestamp() * 1000)
+                await kafka.send_and_wait(rec_settings.topic(EVENTS), value, key=key, timestamp_ms=ts)
+        finally:
+            await kafka.stop()
+
+    run(send_with_record_times())
+    start_worker(rec_settings)
+    live = collect(rec_settings, RECOMMENDATIONS, lambda rs: len(rs) >= len(users), timeout_s=90)
+    env = {**os.environ, **rec_settings.to_env()}
+
+    def replay(*args):
+        result = subprocess.run([sys.executable, "-m", "streams.cli", "replay", "--source", "events", *args], env=env,
+                                cwd=REPO, capture_output=True, text=True, timeout=180)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout.splitlines()[0]), result.stderr
+
+    report_path = tmp_path / "lists.json"
+    summary, stderr = replay("--output", rec_settings.topic("recs-replay"), "--report", str(report_path),
+                             "--model", "deepfm-ctr@1")
+    assert summary["users"] == len(users) and summary["events_read"] == len(records)
+    report = json.loads(report_path.read_text())
+    assert report["compared"] == len(users) and report["identical_lists"] == len(users)  # same models: same lists
+    assert report["mean_overlap@10"] == 1.0 and report["mean_kendall_tau"] == 1.0
+    out = collect(rec_settings, "recs-replay", lambda rs: len(rs) >= len(users), timeout_s=30)
+    assert {r["key"] for r in out} == {f"{u}|cf-retrieval@1,deepfm-ctr@1" for u in users}
+    live_items = {r["value"]["user_id"]: [i["item_id"] for i in r["value"]["items"]] for r in live}
+    assert all([i["item_id"] for i in r["value"]["items"]] == live_items[r["value"]["user_id"]] for r in out)
+
+    later, _ = replay("--output", rec_settings.topic("recs-later"), "--from", "2026-11-25T10:00:00Z")
+    assert later["users"] == 2 and later["in_range"] == 12  # only the two users active from 10:00
+    assert "filtered by record timestamp" in later["time_range_method"]

@@ -1,0 +1,136 @@
+"""Replay of `events`: recommendation lists recomputed with pinned model versions.
+
+Semantics: every user who has an event in the range gets the list they would have had after their
+last event in the range. State is folded from the beginning of each partition (a list depends on
+the whole history), with the same UserState the live agent uses, in the replay's own memory (the
+live `user-state` changelog is never touched). All touched users are then computed in large
+batches by the live agent's own compute_lists() and published keyed `user|model@version,...`.
+An interrupted events replay simply runs again: folding is fast and the keys are idempotent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from datetime import datetime
+from typing import Any
+
+from aiokafka import TopicPartition
+
+from operators.errors import BadInput
+from operators.model_repository import ModelRepository
+from operators.ranking import CandidateRanker
+from operators.retrieval import CFRetriever
+from operators.user_state import UserState
+from streams.config import Settings
+from streams.kafka import consumer, ensure_topics, fetch_high_watermarks, producer
+from streams.recommend import compute_lists
+from streams.schemas import (
+    DEAD_LETTERS,
+    EVENTS,
+    RECOMMENDATION_SCHEMA,
+    SourceRecord,
+    dead_letter,
+    decode_headers,
+    dumps,
+    parse_event,
+)
+
+
+def _pinned(ref: str, pins: tuple[str, ...]) -> str:
+    name = ref.partition("@")[0]
+    return next((p for p in pins if p.partition("@")[0] == name), ref)
+
+
+async def replay_events(settings: Settings, options) -> dict[str, Any]:
+    from streams.replay import ReplayError, _in_time_range, _start_offsets, ensure_output_topic
+
+    repo = ModelRepository(settings.model_dir)
+    retrieval_ref = _pinned(settings.retrieval_model, options.models)
+    ranking_ref = _pinned(settings.ranking_model, options.models) if settings.ranking_model else ""
+    unknown = [p for p in options.models if p.partition("@")[0] not in {retrieval_ref.partition("@")[0], ranking_ref.partition("@")[0]}]
+    if unknown:
+        raise ReplayError(f"--model {', '.join(unknown)}: events replays use the retrieval and ranking models only")
+    retriever = CFRetriever.from_repository(repo, retrieval_ref)
+    ranker = CandidateRanker(repo.load(ranking_ref)) if ranking_ref else None
+    models = {"retrieval": retriever.ref, **({"ranking": ranker.ref} if ranker else {})}
+    run = json.dumps({"source": settings.topic(EVENTS), "output": options.output, "from": options.start.__dict__,
+                      "to": options.end.__dict__, "models": models}, sort_keys=True)
+    digest = hashlib.sha256(run.encode()).hexdigest()[:12]
+    suffix = "|" + ",".join(sorted(models.values()))
+    dead_topic = options.dead_letters or settings.topic(DEAD_LETTERS)
+
+    topic = settings.topic(EVENTS)
+    await ensure_topics(settings)
+    for name in {options.output, dead_topic}:
+        await ensure_output_topic(settings, name)
+    kafka = consumer(settings, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=2000)
+    out = producer(settings)
+    await kafka.start()
+    await out.start()
+    started = time.monotonic()
+    states: dict[str, UserState] = {}
+    touched: dict[str, None] = {}  # users with an event in the range, in first-seen order
+    counts = {"events_read": 0, "in_range": 0, "dead_letters": 0, "unknown_items": 0}
+    try:
+        partitions = sorted(kafka.partitions_for_topic(topic) or [])
+        if not partitions:
+            raise ReplayError(f"topic {topic} does not exist or has no partitions")
+        tps = [TopicPartition(topic, p) for p in partitions]
+        kafka.assign(tps)
+        beginnings = {tp.partition: o for tp, o in (await kafka.beginning_offsets(tps)).items()}
+        ends = await fetch_high_watermarks(kafka, tps)
+        ends = {p: min(e, options.end.offset_for(p)) if options.end.offset_for(p) is not None else e for p, e in ends.items()}
+        starts, method = await _start_offsets(kafka, tps, options.start, beginnings, ends)
+        dead = []
+        for tp in tps:
+            kafka.seek(tp, beginnings[tp.partition])  # state needs the whole history before the range
+        active = [tp for tp in tps if ends[tp.partition] > beginnings[tp.partition]]
+        while active:
+            for tp, records in (await kafka.getmany(*active, timeout_ms=500)).items():
+                for r in records:
+                    if r.offset >= ends[tp.partition]:
+                        break
+                    counts["events_read"] += 1
+                    in_range = r.offset >= starts[tp.partition] and _in_time_range(r.timestamp, options)
+                    try:
+                        event = parse_event(r.value)
+                    except BadInput as exc:
+                        if in_range:  # bad records in the range: dead letters, as live
+                            source = SourceRecord(r.topic, r.partition, r.offset, r.timestamp, r.key, decode_headers(r.headers), r.value)
+                            dead.append(await out.send(dead_topic, dumps(dead_letter(source, exc.reason, exc.detail, "replay")), key=r.key))
+                            counts["dead_letters"] += 1
+                        continue
+                    row = retriever.item_index.rows([event["item_id"]])[0]
+                    if row < 0:
+                        counts["unknown_items"] += 1
+                        continue
+                    state = states.setdefault(event["user_id"], UserState(event["user_id"]))
+                    state.apply(event, r.offset, str(int(retriever.item_categories[row])))
+                    if in_range:
+                        counts["in_range"] += 1
+                        touched.setdefault(event["user_id"])
+            active = [tp for tp in active if (await kafka.position(tp)) < ends[tp.partition]]
+        deliveries = list(dead)
+        users = list(touched)
+        batch = max(256, options.batch_size * 4)
+        for i in range(0, len(users), batch):
+            chunk = [states[u] for u in users[i:i + batch]]
+            for state, body in zip(chunk, compute_lists(retriever, ranker, chunk, [settings.rec_k] * len(chunk)), strict=True):
+                record = {"schema": RECOMMENDATION_SCHEMA, **body, "reason": "replay", "request_id": None,
+                          "based_on_events": state.n_events, "models": models,
+                          "generated_at": datetime.fromisoformat(state.last_ts).isoformat() if state.last_ts else None,
+                          "replay": {"run": digest}}
+                deliveries.append(await out.send(options.output, dumps(record), key=(state.user_id + suffix).encode()))
+        for delivery in deliveries:
+            await delivery
+    finally:
+        await kafka.stop()
+        await out.stop()
+    elapsed = time.monotonic() - started
+    return {**counts, "users": len(touched), "lists": len(touched), "seconds": round(elapsed, 3),
+            "records_per_s": round(counts["events_read"] / elapsed, 1) if elapsed > 0 else None, "complete": True,
+            "source": topic, "output": options.output, "run": digest, "models": models,
+            "time_range_method": method if options.start.timestamp_ms else "offsets",
+            "from": options.start.describe(), "to": options.end.describe()}
