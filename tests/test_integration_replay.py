@@ -151,3 +151,22 @@ def test_report_detects_a_changed_policy_threshold(settings, start_worker, tmp_p
     assert report["by_check"]["objects"]["violations_removed"] == expected_flips
     assert report["agreement"] == pytest.approx((n - expected_flips) / n)
     assert "unsafe -> safe" in result.stderr  # the readable summary
+
+
+def test_replay_reproduces_the_live_ab_split_by_key(settings, tiny_repo, start_worker, run):
+    from tiny_models import write_tiny_repository
+
+    write_tiny_repository(tiny_repo, "tiny", "2")  # same weights, another version: the arm is what is compared
+    (tiny_repo / "serving.yaml").write_text('poll_interval_s: 0\nmodels:\n  tiny:\n    split: {"1": 50, "2": 50}\n')
+    n = 40
+    run(send_historic(settings, POSTS, [(*post_record(i), None) for i in range(n)], list(range(n))))
+    start_worker(settings)
+    live = collect(settings, VERDICTS, lambda rs: len(rs) >= n, timeout_s=90)
+    live_arm = {r["value"]["id"]: r["value"]["models"]["objects"]["version"] for r in live}
+    assert set(live_arm.values()) == {"1", "2"}  # both arms served
+
+    result = replay_cli(settings, "--source", "posts", "--output", settings.topic("replayed"))
+    assert result.returncode == 0, result.stderr
+    replayed = collect(settings, "replayed", lambda rs: len(rs) >= n, timeout_s=30)
+    assert {r["value"]["id"]: r["value"]["models"]["objects"]["version"] for r in replayed} == live_arm
+    assert all(r["key"].endswith(f"|tiny@{live_arm[r['value']['id']]}") for r in replayed)
