@@ -14,8 +14,17 @@ for GPUs: on a CPU it is never faster.
 
 Calibration and held-out inputs for an image model are the scikit-image sample photos, with
 deterministic augmentations, through the model's own preprocessing (the operator that serves it);
-the held-out photos are never calibrated on. Other models get seeded random inputs shaped from the
+the held-out photos are never calibrated on. A CTR model gets valid feature rows from its own tables,
+a NER model real texts (tests/data/pii_posts.jsonl); other models seeded random inputs shaped from the
 model's inputs unless the caller passes real ones.
+
+Accuracy is judged by what the task's operator returns, FP32 against the new version on the same inputs:
+- classify: top-1 agreement (`compare_outputs`);
+- detect: detections matched greedily by IoU >= 0.5 and label, F1 (`compare_detections`);
+- ner: exact (type, start, end) entity agreement, F1 (`compare_entities`);
+- ctr: click probabilities, max abs difference and Spearman correlation (`compare_click_probabilities`);
+- anything else: max abs difference of raw outputs relative to their scale (`compare_outputs`).
+A graph the quantizer cannot change (string inputs, e.g. a scikit-learn TF-IDF pipeline) is refused.
 
 The new version is written to a hidden staging directory, renamed into place as the next free
 version number, and only then gets its config.yaml: a worker scanning versions never sees half of one.
@@ -31,6 +40,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -56,6 +66,11 @@ _QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
 CALIBRATION_PHOTOS = ("astronaut", "rocket", "immunohistochemistry", "hubble_deep_field", "camera", "moon",
                       "grass", "gravel", "clock", "page", "colorwheel", "cell")
 HELD_OUT_PHOTOS = ("chelsea", "coffee", "coins", "brick", "text", "retina")
+CTR_PAIRS = 2000  # held-out (user, item) pairs for a CTR model
+_BUILTIN_TEXTS = ("Huge thanks to Priya Raman at Barclays for sorting out my mortgage today",
+                  "Lost my wallet near Union Square, San Francisco. If found call 415-555-0187",
+                  "email me at jon.baker@example.com or ask Maria Lopez at Acme Corp in Berlin",
+                  "my passport number is X1234567, flying to Toronto with Air Canada tomorrow")
 
 Feeds = dict[str, np.ndarray]
 
@@ -279,6 +294,21 @@ def measure_throughput(sessions: Mapping[str, OnnxSession], feeds: Feeds, second
     return {key: runs[key] * batch / spent[key] for key in sessions}
 
 
+def _detections(model: LoadedModel, images: Sequence[np.ndarray], batch: int) -> list[Any]:
+    """`Detections` of each RGB image by the model's ObjectDetector, `batch` images per call."""
+    from operators.detect import ObjectDetector
+
+    detector = ObjectDetector(model)
+    items = [detector.preprocess(img) for img in images]
+    return [d for i in range(0, len(items), batch) for d in detector.run_batch(items[i : i + batch])]
+
+
+def _ranker(model: LoadedModel) -> Any:
+    from operators.ranking import CandidateRanker
+
+    return CandidateRanker(model)
+
+
 def _run_all(session: OnnxSession, samples: Feeds, batch: int) -> dict[str, np.ndarray]:
     parts = [session.run(b) for b in _batches(samples, batch)]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -322,6 +352,111 @@ def compare_outputs(reference: Mapping[str, np.ndarray], candidate: Mapping[str,
             "drop": max_diff / scale if scale else max_diff}
 
 
+def ner_texts() -> list[str]:
+    """Real texts for a NER model: those of tests/data/pii_posts.jsonl (hand-written posts) when the
+    checkout has it, else a few built-in sentences."""
+    path = Path(__file__).resolve().parents[1] / "tests" / "data" / "pii_posts.jsonl"
+    if path.is_file():
+        return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+    return list(_BUILTIN_TEXTS)
+
+
+def ctr_samples(ranker: Any, count: int, seed: int) -> Feeds:
+    """`count` valid (user, item) pairs from a CTR model's own feature tables (ranker:
+    operators.ranking.CandidateRanker), built by `ctr_inputs` like served requests: known users and
+    items, their categories and popularity buckets, hours 0..23, recent-history buckets 0..4."""
+    from operators.ranking import ctr_inputs
+
+    rng = np.random.default_rng(seed)
+    window = rng.integers(0, ranker.recent_window + 1, count)
+    return ctr_inputs(rng.integers(0, len(ranker.users), count), rng.integers(0, len(ranker.items), count),
+                      rng.integers(0, 24, count), rng.integers(0, window + 1), window,
+                      ranker.item_categories, ranker.item_popularity_bucket)
+
+
+def _agreement(matched: int, n_reference: int, n_candidate: int) -> dict[str, float]:
+    """Precision/recall/F1 of the candidate's results against the reference's; nothing on either side = 1."""
+    return {"precision": matched / n_candidate if n_candidate else 1.0,
+            "recall": matched / n_reference if n_reference else 1.0,
+            "f1": 2 * matched / (n_reference + n_candidate) if n_reference + n_candidate else 1.0}
+
+
+def match_detections(reference: Any, candidate: Any, iou_threshold: float = 0.5) -> list[tuple[int, int, float]]:
+    """Greedy one-to-one matching of two `Detections` of one image: (reference index, candidate index,
+    IoU) pairs with the same class and IoU >= `iou_threshold`, highest IoU first."""
+    from operators.detect import box_iou
+
+    if not len(reference) or not len(candidate):
+        return []
+    iou = box_iou(np.asarray(reference.boxes, np.float64), np.asarray(candidate.boxes, np.float64))
+    iou = np.where(np.asarray(reference.class_ids)[:, None] == np.asarray(candidate.class_ids)[None, :], iou, -1.0)
+    pairs = np.argwhere(iou >= iou_threshold)
+    pairs = pairs[np.argsort(-iou[pairs[:, 0], pairs[:, 1]], kind="stable")]
+    used_ref, used_cand, matches = set(), set(), []
+    for r, c in pairs.tolist():
+        if r not in used_ref and c not in used_cand:
+            used_ref.add(r)
+            used_cand.add(c)
+            matches.append((r, c, float(iou[r, c])))
+    return matches
+
+
+def compare_detections(reference: Sequence[Any], candidate: Sequence[Any], iou_threshold: float = 0.5) -> dict[str, Any]:
+    """Detection model: per image, the candidate's `Detections` matched to the reference's
+    (`match_detections`). Precision/recall/F1 of candidate against reference detections over all images,
+    mean IoU of the matches, max score difference of matched pairs; `drop` = 1 - F1."""
+    matched, ious, score_diffs = 0, [], [0.0]
+    for ref, cand in zip(reference, candidate, strict=True):
+        for r, c, iou in match_detections(ref, cand, iou_threshold):
+            matched += 1
+            ious.append(iou)
+            score_diffs.append(abs(float(ref.scores[r]) - float(cand.scores[c])))
+    n_ref, n_cand = sum(len(d) for d in reference), sum(len(d) for d in candidate)
+    scores = _agreement(matched, n_ref, n_cand)
+    return {"metric": "detection_f1_vs_fp32", "count": len(reference), "iou_threshold": iou_threshold,
+            "reference_detections": n_ref, "candidate_detections": n_cand, "matched": matched, **scores,
+            "mean_iou": float(np.mean(ious)) if ious else None, "max_score_diff": max(score_diffs),
+            "drop": 1.0 - scores["f1"]}
+
+
+def compare_entities(reference: Sequence[Iterable[Any]], candidate: Sequence[Iterable[Any]]) -> dict[str, Any]:
+    """NER model: per text, the candidate's entities against the reference's by exact (type, start,
+    end); precision/recall/F1 over all texts, the share of texts with identical entities; `drop` = 1 - F1."""
+    matched = n_ref = n_cand = same_texts = 0
+    for ref, cand in zip(reference, candidate, strict=True):
+        ref_spans, cand_spans = {(e.type, e.start, e.end) for e in ref}, {(e.type, e.start, e.end) for e in cand}
+        matched += len(ref_spans & cand_spans)
+        n_ref, n_cand = n_ref + len(ref_spans), n_cand + len(cand_spans)
+        same_texts += ref_spans == cand_spans
+    scores = _agreement(matched, n_ref, n_cand)
+    return {"metric": "entity_f1_vs_fp32", "count": len(reference), "reference_entities": n_ref,
+            "candidate_entities": n_cand, "matched": matched, **scores,
+            "identical_texts": same_texts / len(reference) if len(reference) else 1.0, "drop": 1.0 - scores["f1"]}
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing their average rank."""
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.cumsum(counts) - (counts - 1) / 2)[inverse.reshape(-1)]
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (average ranks for ties); 1.0 for two equal constant vectors."""
+    ra, rb = _average_ranks(np.asarray(a).reshape(-1)), _average_ranks(np.asarray(b).reshape(-1))
+    if ra.std() == 0 or rb.std() == 0:
+        return 1.0 if np.array_equal(ra, rb) else 0.0
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def compare_click_probabilities(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
+    """CTR model: click probabilities of the same pairs. Max/mean absolute difference and the Spearman
+    rank correlation of the scores (ranking is what they are used for); `drop` = max abs difference."""
+    ref, cand = np.asarray(reference, np.float64).reshape(-1), np.asarray(candidate, np.float64).reshape(-1)
+    diff = np.abs(ref - cand)
+    return {"metric": "max_abs_click_probability_diff", "count": len(ref), "max_abs_diff": float(diff.max()),
+            "mean_abs_diff": float(diff.mean()), "spearman": spearman(ref, cand), "drop": float(diff.max())}
+
+
 # ------------------------------------------------------------------------------------ versions
 def next_free_version(model_dir: Path) -> str:
     """One past the highest numeric version directory (with a config or not: never reuse a number)."""
@@ -360,7 +495,7 @@ def quantize(
     method: str = "auto",
     held_out: Any = None,
     calibration_count: int = 32,
-    held_out_count: int = 48,
+    held_out_count: int | None = None,
     bench_seconds: float = 3.0,
     providers: Sequence[str] | None = None,
     intra_op_threads: int | None = None,
@@ -368,11 +503,14 @@ def quantize(
 ) -> dict[str, Any]:
     """Quantize `name@version` (newest if None) of the repository at `repo_root` into a new version.
 
-    `calibration` / `held_out`: None (sample photos for image models, seeded random inputs otherwise),
-    one array (single-input models), a `{input: array}` dict, or a sequence of such feeds.
-    `max_accuracy_drop` bounds the report's `accuracy.drop` (top-1 disagreement for classifiers,
-    relative max abs difference otherwise); `promote_ok` says whether it held. The new version is
-    kept either way unless `keep_rejected=False`.
+    `calibration` / `held_out`: None (sample photos for image models, feature-table rows for CTR
+    models, real texts for NER models, seeded random inputs otherwise), one array (single-input
+    models), a `{input: array}` dict, or a sequence of such feeds; for a detection model `held_out`
+    is a list of RGB images, for a NER model a list of texts. `held_out_count`: None = the task's
+    default (48 images, CTR_PAIRS pairs, every text).
+    `max_accuracy_drop` bounds the report's `accuracy.drop`, measured per task (see the module
+    docstring); `promote_ok` says whether it held. The new version is kept either way unless
+    `keep_rejected=False`. A model the quantizer cannot change (string inputs) is refused.
     Returns a JSON-able report, also written as `quantization.json` in the new version.
     """
     if to not in TARGETS:
@@ -386,6 +524,10 @@ def quantize(
     source_model = onnx.load(str(cfg.model_path))
     if is_quantized(source_model):
         raise ValueError(f"{cfg.ref} is already quantized; quantize its FP32 version")
+    strings = [i.name for i in source_model.graph.input if i.type.tensor_type.elem_type == TensorProto.STRING]
+    if strings:
+        raise ValueError(f"{cfg.ref}: quantization does not apply: the model reads strings ({', '.join(strings)}); "
+                         "a converted pipeline like TF-IDF + linear model has no float MatMul/Conv weights to quantize")
     chosen = "fp16" if to == "fp16" else (choose_method(source_model) if method == "auto" else method)
     threads = cfg.intra_op_threads if intra_op_threads is None else intra_op_threads
     run_providers = tuple(providers or cfg.providers)
@@ -394,6 +536,8 @@ def quantize(
     static_batch = specs[0].shape[0] if specs and isinstance(specs[0].shape[0], int) else None
     batch = static_batch or cfg.max_batch_size
     to_tensor = image_transform(fp32)
+    task = cfg.task
+    ranker = _ranker(fp32) if task == "ctr" else None
 
     def samples(given: Any, photos: Sequence[str], count: int, seed: int) -> tuple[Feeds, str]:
         if given is not None:
@@ -401,9 +545,29 @@ def quantize(
         if to_tensor is not None:
             return {specs[0].name: np.stack([to_tensor(img) for img in photo_set(photos, count, seed)])}, \
                 f"scikit-image sample photos {', '.join(photos)} + augmentations (seed {seed})"
+        if ranker is not None:
+            return ctr_samples(ranker, count, seed), f"{count} valid (user, item) rows from the model's feature tables (seed {seed})"
         return synthetic_samples(specs, count, seed), f"seeded random inputs (seed {seed})"
 
-    held, held_source = samples(held_out, HELD_OUT_PHOTOS, held_out_count, seed=2)
+    images: list[np.ndarray] = []
+    tokenized: list[Any] = []
+    if task == "detect":  # the detector's own outputs are compared: it needs the images, not tensors
+        images = list(held_out) if held_out is not None else photo_set(HELD_OUT_PHOTOS, held_out_count or 48, seed=2)
+        held = {specs[0].name: np.stack([to_tensor(img) for img in images])}
+        held_source = "given images" if held_out is not None else \
+            f"scikit-image sample photos {', '.join(HELD_OUT_PHOTOS)} + augmentations (seed 2)"
+    elif task == "ner":
+        from operators.ner import TokenClassifier
+        from operators.tokens import pad_batch
+
+        texts = list(held_out) if held_out is not None else ner_texts()[:held_out_count]
+        tagger = TokenClassifier(fp32)
+        tokenized = [tagger.preprocess(t) for t in texts]
+        held = pad_batch(tokenized[:batch], tagger.tokenizer.pad_id, tagger.tokenizer.pad_type_id).feeds(specs)
+        held_source = f"{len(texts)} " + ("given texts" if held_out is not None else "texts (tests/data/pii_posts.jsonl)")
+    else:
+        default_count = CTR_PAIRS if task == "ctr" else 48
+        held, held_source = samples(held_out, HELD_OUT_PHOTOS, held_out_count or default_count, seed=2)
     model_dir = cfg.directory.parent
     staging = Path(tempfile.mkdtemp(prefix=f".quantize-{to}-", dir=model_dir))
     umask = os.umask(0)
@@ -425,12 +589,23 @@ def quantize(
             details = quantize_dynamic_int8(cfg.model_path, out_path)
         else:
             details = convert_fp16(cfg.model_path, out_path)
+        if not is_quantized(onnx.load(str(out_path))):
+            raise ValueError(f"{cfg.ref}: quantization does not apply: the {chosen} quantizer left the graph unchanged "
+                             f"(no weights of {_DYNAMIC_OPS if chosen == 'dynamic' else 'Conv/MatMul'} ops); no version written")
         quantized = OnnxSession(out_path, providers=run_providers, intra_op_threads=threads,
                                 graph_optimization=cfg.graph_optimization)
 
-        is_classifier = cfg.task == "classify"
-        accuracy = compare_outputs(_run_all(fp32.session, held, batch), _run_all(quantized, held, batch),
-                                   classify=is_classifier, softmax=bool(cfg.postprocess.get("softmax", True)))
+        candidate = replace(fp32, session=quantized)  # same config, labels, tables: the operators run it as served
+        if task == "detect":
+            accuracy = compare_detections(_detections(fp32, images, batch), _detections(candidate, images, batch))
+        elif task == "ner":
+            accuracy = compare_entities(TokenClassifier(fp32).run_batch(tokenized),
+                                        TokenClassifier(candidate).run_batch(tokenized))
+        elif task == "ctr":
+            accuracy = compare_click_probabilities(ranker.score(held), _ranker(candidate).score(held))
+        else:
+            accuracy = compare_outputs(_run_all(fp32.session, held, batch), _run_all(quantized, held, batch),
+                                       classify=task == "classify", softmax=bool(cfg.postprocess.get("softmax", True)))
         accuracy["inputs"] = held_source
         speed = measure_throughput({"before": fp32.session, "after": quantized}, _fit_batch(held, batch), bench_seconds)
         before, after = cfg.model_path.stat().st_size, out_path.stat().st_size

@@ -206,6 +206,21 @@ async def _start_offsets(kafka, tps: list[TopicPartition], bound: Bound, beginni
     return dict(beginnings), "scan from the earliest offset, filtered by record timestamp (the broker's time index did not check out)"
 
 
+async def plan_range(kafka, topic: str, options: ReplayOptions):
+    """Assign every partition of `topic` and work out the range: (partitions, beginnings, starts,
+    ends, method). Ends are the fetch high watermarks now, capped by an offset `--to`."""
+    partitions = sorted(kafka.partitions_for_topic(topic) or [])
+    if not partitions:
+        raise ReplayError(f"topic {topic} does not exist or has no partitions")
+    tps = [TopicPartition(topic, p) for p in partitions]
+    kafka.assign(tps)
+    beginnings = {tp.partition: o for tp, o in (await kafka.beginning_offsets(tps)).items()}
+    ends = await fetch_high_watermarks(kafka, tps)
+    ends = {p: min(e, options.end.offset_for(p)) if options.end.offset_for(p) is not None else e for p, e in ends.items()}
+    starts, method = await _start_offsets(kafka, tps, options.start, beginnings, ends)
+    return tps, beginnings, starts, ends, method
+
+
 def run_id(options: ReplayOptions, settings: Settings) -> dict[str, Any]:
     return {"source": settings.topic(options.source), "output": options.output, "from": options.start.__dict__,
             "to": options.end.__dict__, "models": sorted(options.models), "policy": str(Path(options.policy or settings.policy).resolve())}
@@ -246,16 +261,9 @@ async def replay(settings: Settings, options: ReplayOptions) -> dict[str, Any]:
     await kafka.start()
     await out.start()
     try:
-        partitions = sorted(kafka.partitions_for_topic(topic) or [])
-        if not partitions:
-            raise ReplayError(f"topic {topic} does not exist or has no partitions")
-        tps = [TopicPartition(topic, p) for p in partitions]
-        kafka.assign(tps)
-        beginnings = {tp.partition: o for tp, o in (await kafka.beginning_offsets(tps)).items()}
-        ends = await fetch_high_watermarks(kafka, tps)
-        ends = {p: min(e, options.end.offset_for(p)) if options.end.offset_for(p) is not None else e for p, e in ends.items()}
-        starts, method = await _start_offsets(kafka, tps, options.start, beginnings, ends)
-        ranges = {p: PartitionRange(p, starts[p], ends[p], max(starts[p], checkpoint.next.get(p, starts[p]))) for p in partitions}
+        tps, beginnings, starts, ends, method = await plan_range(kafka, topic, options)
+        ranges = {p: PartitionRange(p, starts[p], ends[p], max(starts[p], checkpoint.next.get(p, starts[p])))
+                  for p in beginnings}
         summary = await _process(kafka, out, tps, ranges, options, checkpoint, handle, settings)
     finally:
         await kafka.stop()

@@ -16,15 +16,13 @@ import time
 from datetime import datetime
 from typing import Any
 
-from aiokafka import TopicPartition
-
 from operators.errors import BadInput
 from operators.model_repository import ModelRepository
 from operators.ranking import CandidateRanker
 from operators.retrieval import CFRetriever
 from operators.user_state import UserState
 from streams.config import Settings
-from streams.kafka import consumer, ensure_topics, fetch_high_watermarks, producer
+from streams.kafka import consumer, ensure_topics, producer
 from streams.recommend import compute_lists
 from streams.schemas import (
     DEAD_LETTERS,
@@ -44,7 +42,7 @@ def _pinned(ref: str, pins: tuple[str, ...]) -> str:
 
 
 async def replay_events(settings: Settings, options) -> dict[str, Any]:
-    from streams.replay import ReplayError, _in_time_range, _start_offsets, ensure_output_topic
+    from streams.replay import ReplayError, _in_time_range, ensure_output_topic, plan_range
 
     repo = ModelRepository(settings.model_dir)
     retrieval_ref = _pinned(settings.retrieval_model, options.models)
@@ -74,15 +72,7 @@ async def replay_events(settings: Settings, options) -> dict[str, Any]:
     touched: dict[str, None] = {}  # users with an event in the range, in first-seen order
     counts = {"events_read": 0, "in_range": 0, "dead_letters": 0, "unknown_items": 0}
     try:
-        partitions = sorted(kafka.partitions_for_topic(topic) or [])
-        if not partitions:
-            raise ReplayError(f"topic {topic} does not exist or has no partitions")
-        tps = [TopicPartition(topic, p) for p in partitions]
-        kafka.assign(tps)
-        beginnings = {tp.partition: o for tp, o in (await kafka.beginning_offsets(tps)).items()}
-        ends = await fetch_high_watermarks(kafka, tps)
-        ends = {p: min(e, options.end.offset_for(p)) if options.end.offset_for(p) is not None else e for p, e in ends.items()}
-        starts, method = await _start_offsets(kafka, tps, options.start, beginnings, ends)
+        tps, beginnings, starts, ends, method = await plan_range(kafka, topic, options)
         dead = []
         for tp in tps:
             kafka.seek(tp, beginnings[tp.partition])  # state needs the whole history before the range

@@ -20,7 +20,12 @@ from operators.quantize import (
     CALIBRATION_PHOTOS,
     HELD_OUT_PHOTOS,
     choose_method,
+    compare_click_probabilities,
+    compare_detections,
+    compare_entities,
     compare_outputs,
+    ctr_samples,
+    match_detections,
     next_free_version,
     quantize,
     repair_fp16_graph,
@@ -283,3 +288,109 @@ def test_unknown_target_or_method_is_refused(repo):
         quantize(repo, "mlp", "1", to="int4")
     with pytest.raises(ValueError, match="method"):
         quantize(repo, "mlp", "1", method="qat")
+
+
+# ------------------------------------------------------------------------------ task metrics
+def _dets(boxes, class_ids, scores=None):
+    from operators.detect import Detections
+
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    scores = np.full(len(boxes), 0.9, np.float32) if scores is None else np.asarray(scores, np.float32)
+    ids = np.asarray(class_ids, np.int64)
+    return Detections(boxes, scores, ids, [str(i) for i in ids.tolist()])
+
+
+def test_detections_match_by_iou_and_label_one_to_one():
+    ref = _dets([[0, 0, 10, 10], [20, 20, 30, 30]], [0, 1], [0.9, 0.8])
+    cand = _dets([[0, 0, 10, 8], [20, 20, 30, 30], [50, 50, 60, 60]], [0, 2, 0], [0.7, 0.8, 0.5])
+    assert match_detections(ref, cand) == [(0, 0, pytest.approx(0.8))]  # the second pair differs in label
+    result = compare_detections([ref], [cand])
+    assert (result["matched"], result["reference_detections"], result["candidate_detections"]) == (1, 2, 3)
+    assert result["precision"] == pytest.approx(1 / 3) and result["recall"] == 0.5
+    assert result["f1"] == pytest.approx(0.4) and result["drop"] == pytest.approx(0.6)
+    assert result["mean_iou"] == pytest.approx(0.8) and result["max_score_diff"] == pytest.approx(0.2)
+
+
+def test_detection_matching_is_greedy_by_iou_and_thresholded_at_half():
+    ref = _dets([[0, 0, 10, 10]], [0])
+    assert match_detections(ref, _dets([[0, 0, 10, 9], [0, 0, 10, 10]], [0, 0])) == [(0, 1, 1.0)]  # best IoU wins, once
+    assert match_detections(ref, _dets([[0, 0, 10, 5]], [0])) == [(0, 0, 0.5)]  # IoU 0.5 counts
+    assert match_detections(ref, _dets([[0, 0, 10, 4]], [0])) == []
+
+
+def test_identical_or_empty_detections_drop_nothing():
+    frames = [_dets([[0, 0, 10, 10], [5, 5, 8, 9]], [0, 3]), _dets([], [])]
+    result = compare_detections(frames, frames)
+    assert result["f1"] == 1.0 and result["drop"] == 0.0 and result["max_score_diff"] == 0.0
+    assert compare_detections([_dets([], [])], [_dets([], [])])["drop"] == 0.0
+    assert compare_detections([_dets([], [])], [_dets([[0, 0, 1, 1]], [0])])["drop"] == 1.0  # an invented box
+
+
+def test_entities_agree_only_on_exact_type_and_span():
+    from operators.ner import Entity
+
+    def ents(*spans):
+        return [Entity(kind, "x", start, end, 0.9) for kind, start, end in spans]
+
+    ref = [ents(("PERSON", 0, 5), ("ORG", 10, 15)), ents(("EMAIL", 3, 20)), ents()]
+    cand = [ents(("PERSON", 0, 5), ("ORG", 10, 16)), ents(("PHONE", 3, 20)), ents()]
+    result = compare_entities(ref, cand)
+    assert (result["matched"], result["reference_entities"], result["candidate_entities"]) == (1, 3, 3)
+    assert result["f1"] == pytest.approx(1 / 3) and result["drop"] == pytest.approx(2 / 3)
+    assert result["identical_texts"] == pytest.approx(1 / 3)
+    assert compare_entities(ref, ref)["drop"] == 0.0
+
+
+def test_click_probabilities_compare_values_and_ranks():
+    result = compare_click_probabilities(np.array([0.1, 0.2, 0.3, 0.4]), np.array([0.1, 0.25, 0.2, 0.4]))
+    assert result["max_abs_diff"] == pytest.approx(0.1) and result["drop"] == pytest.approx(0.1)
+    assert result["mean_abs_diff"] == pytest.approx(0.0375)
+    assert result["spearman"] == pytest.approx(0.8)  # 1 - 6 * 2 / (4 * 15)
+    same = compare_click_probabilities(np.array([0.3, 0.3, 0.9]), np.array([0.3, 0.3, 0.9]))
+    assert same["drop"] == 0.0 and same["spearman"] == pytest.approx(1.0)
+
+
+def test_ctr_samples_are_valid_rows_of_the_feature_tables():
+    from types import SimpleNamespace
+
+    categories, popularity = np.array([2, 0, 1, 2, 1]), np.array([1, 3, 11, 2, 5])
+    ranker = SimpleNamespace(users=range(7), items=range(5), item_categories=categories,
+                             item_popularity_bucket=popularity, recent_window=10)
+    feeds = ctr_samples(ranker, 500, seed=0)
+    assert {k: v.dtype for k, v in feeds.items()} == dict.fromkeys(
+        ["user", "item", "category", "hour", "recent", "popularity"], np.dtype(np.int64))
+    assert feeds["user"].min() >= 1 and feeds["user"].max() <= 7
+    assert feeds["item"].min() >= 1 and feeds["item"].max() <= 5
+    np.testing.assert_array_equal(feeds["category"], categories[feeds["item"] - 1] + 1)
+    np.testing.assert_array_equal(feeds["popularity"], popularity[feeds["item"] - 1])
+    assert set(feeds["hour"].tolist()) <= set(range(24)) and set(feeds["recent"].tolist()) == set(range(5))
+
+
+def test_string_input_model_is_refused_without_a_new_version(tmp_path):
+    root = tmp_path / "models"
+
+    def strings(path: Path) -> Path:
+        return _save(helper.make_graph(
+            [helper.make_node("Identity", ["text"], ["out"])], "strings",
+            [helper.make_tensor_value_info("text", TensorProto.STRING, ["batch", 1])],
+            [helper.make_tensor_value_info("out", TensorProto.STRING, ["batch", 1])]), path)
+
+    _write_version(root, "tox", strings, {"task": "text-classify"})
+    with pytest.raises(ValueError, match="does not apply.*strings"):
+        quantize(root, "tox", "1", **FAST)
+    assert ModelRepository(root).versions("tox") == ["1"]
+
+
+def test_graph_the_quantizer_leaves_unchanged_is_refused(tmp_path):
+    root = tmp_path / "models"
+
+    def relu(path: Path) -> Path:
+        return _save(helper.make_graph(
+            [helper.make_node("Relu", ["x"], ["y"])], "relu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])]), path)
+
+    _write_version(root, "relu", relu, {"task": "embed"})
+    with pytest.raises(ValueError, match="left the graph unchanged"):
+        quantize(root, "relu", "1", **FAST)
+    assert ModelRepository(root).versions("relu") == ["1"]
+    assert not [p for p in (root / "relu").iterdir() if p.name.startswith(".")]
