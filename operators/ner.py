@@ -19,7 +19,13 @@ import numpy as np
 from operators.classify import softmax
 from operators.model_repository import ModelConfigError
 from operators.text import score_output
-from operators.tokens import TextPreprocess, TextTokenizer, TokenizedText, check_text, check_token_inputs
+from operators.tokens import (
+    TextTokenizer,
+    TokenizedText,
+    check_text,
+    check_token_inputs,
+    text_model_preprocess,
+)
 
 SCHEMES = {"BIO": frozenset("BI"), "BIOES": frozenset("BIES")}
 POSTPROCESS_KEYS = {"scheme", "softmax", "output"}
@@ -137,13 +143,7 @@ class TokenClassifier:
     def __init__(self, model) -> None:  # model: operators.model_repository.LoadedModel
         self.model = model
         cfg = model.config
-        try:
-            self.pre = TextPreprocess.from_config(cfg.preprocess)
-        except (TypeError, ValueError) as exc:
-            raise ModelConfigError(f"{cfg.ref}: {exc}") from exc
-        unknown = set(cfg.postprocess) - POSTPROCESS_KEYS
-        if unknown:
-            raise ModelConfigError(f"{cfg.ref}: unknown ner postprocess keys {sorted(unknown)}")
+        self.pre = text_model_preprocess(model, "ner", POSTPROCESS_KEYS)
         if self.pre.input != "tokens" or self.pre.lowercase:
             raise ModelConfigError(f"{cfg.ref}: a ner model reads tokens of the original text")
         self.scheme = str(cfg.postprocess.get("scheme", "BIO")).upper()

@@ -17,7 +17,13 @@ import numpy as np
 
 from operators.classify import softmax
 from operators.model_repository import ModelConfigError
-from operators.tokens import TextPreprocess, TextTokenizer, TokenizedText, check_text, check_token_inputs
+from operators.tokens import (
+    TextTokenizer,
+    TokenizedText,
+    check_text,
+    check_token_inputs,
+    text_model_preprocess,
+)
 
 POSTPROCESS_KEYS = {"softmax", "output"}
 
@@ -73,13 +79,7 @@ class TextClassifier:
     def __init__(self, model) -> None:  # model: operators.model_repository.LoadedModel
         self.model = model
         cfg = model.config
-        try:
-            self.pre = TextPreprocess.from_config(cfg.preprocess)
-        except (TypeError, ValueError) as exc:
-            raise ModelConfigError(f"{cfg.ref}: {exc}") from exc
-        unknown = set(cfg.postprocess) - POSTPROCESS_KEYS
-        if unknown:
-            raise ModelConfigError(f"{cfg.ref}: unknown text-classify postprocess keys {sorted(unknown)}")
+        self.pre = text_model_preprocess(model, "text-classify", POSTPROCESS_KEYS)
         self.apply_softmax = bool(cfg.postprocess.get("softmax", True))
         self.output = score_output(model, cfg.postprocess)
         spec = next(o for o in model.session.outputs if o.name == self.output)

@@ -190,3 +190,16 @@ def check_token_inputs(inputs: Sequence[TensorSpec], ref: str) -> None:
     unknown = [n for n in names if n not in TOKEN_INPUTS]
     if unknown or "input_ids" not in names:
         raise ModelConfigError(f"{ref}: a token model takes input_ids (+ attention_mask, token_type_ids), not {names}")
+
+
+def text_model_preprocess(model, task: str, postprocess_keys: set[str] | frozenset[str]) -> TextPreprocess:
+    """A text model's validated preprocessing, after refusing postprocess keys its task does not know."""
+    cfg = model.config
+    try:
+        pre = TextPreprocess.from_config(cfg.preprocess)
+    except (TypeError, ValueError) as exc:
+        raise ModelConfigError(f"{cfg.ref}: {exc}") from exc
+    unknown = set(cfg.postprocess) - set(postprocess_keys)
+    if unknown:
+        raise ModelConfigError(f"{cfg.ref}: unknown {task} postprocess keys {sorted(unknown)}")
+    return pre
