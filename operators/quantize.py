@@ -213,10 +213,20 @@ def quantize_static_qdq(src: Path, dst: Path, calibration: Sequence[Feeds]) -> d
         except Exception as exc:  # noqa: BLE001 - fails on some graphs (incomplete symbolic shapes); skipping is fine
             log.info("quant_pre_process skipped for %s: %s", src.name, exc)
             prepared = src
+        float_heads = output_concats(onnx.load(str(prepared)))
         quantize_static(str(prepared), str(dst), _FeedReader(calibration), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
-    return {"format": "QDQ", "per_channel": True, "weights": "int8", "activations": "uint8", "calibrate": "minmax"}
+                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=float_heads)
+    return {"format": "QDQ", "per_channel": True, "weights": "int8", "activations": "uint8", "calibrate": "minmax",
+            "kept_float": float_heads}
+
+
+def output_concats(model: onnx.ModelProto) -> list[str]:
+    """Concat nodes that produce a graph output. A YOLO head concatenates box coordinates (0..640)
+    and class scores (0..1) into one output; one uint8 scale for both rounds every score to 0
+    (measured on NudeNet: detection F1 0), so these stay in float."""
+    outputs = {o.name for o in model.graph.output}
+    return [n.name for n in model.graph.node if n.op_type == "Concat" and set(n.output) & outputs]
 
 
 def quantize_dynamic_int8(src: Path, dst: Path) -> dict[str, Any]:

@@ -394,3 +394,17 @@ def test_graph_the_quantizer_leaves_unchanged_is_refused(tmp_path):
         quantize(root, "relu", "1", **FAST)
     assert ModelRepository(root).versions("relu") == ["1"]
     assert not [p for p in (root / "relu").iterdir() if p.name.startswith(".")]
+
+
+def test_output_concats_of_a_detection_head_are_kept_in_float():
+    from onnx import TensorProto, helper
+
+    from operators.quantize import output_concats
+
+    nodes = [helper.make_node("Concat", ["a", "b"], ["mid"], axis=1, name="inner"),
+             helper.make_node("Relu", ["mid"], ["boxes"], name="relu"),
+             helper.make_node("Concat", ["boxes", "scores"], ["out"], axis=1, name="head")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2])
+                                           for n in ("a", "b", "scores")],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 6])])
+    assert output_concats(helper.make_model(graph)) == ["head"]  # only the one that yields an output
