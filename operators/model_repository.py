@@ -174,8 +174,8 @@ class ModelRepository:
         kept = [line for line in path.read_text().splitlines(keepends=True) if line.strip() != "candidate: true"]
         path.write_text("".join(kept))
 
-    def config(self, ref: str) -> ModelConfig:
-        """`name` (newest non-candidate version) or `name@version` -> its validated config."""
+    def directory(self, ref: str) -> Path:
+        """`name` (newest non-candidate version) or `name@version` -> that version's directory."""
         name, _, version = ref.partition("@")
         versions = self.versions(name)
         if not versions:
@@ -183,7 +183,11 @@ class ModelRepository:
         version = version or self.serving_version(name)
         if version not in versions:
             raise ModelConfigError(f"model {name!r} has no version {version!r} (have {', '.join(versions)})")
-        return ModelConfig.load(self.root / name / version)
+        return self.root / name / version
+
+    def config(self, ref: str) -> ModelConfig:
+        """`name` (newest non-candidate version) or `name@version` -> its validated config."""
+        return ModelConfig.load(self.directory(ref))
 
     def load(self, ref: str, providers: tuple[str, ...] | None = None, intra_op_threads: int | None = None) -> LoadedModel:
         cfg = self.config(ref)

@@ -263,14 +263,7 @@ class CFRetriever:
     @classmethod
     def from_repository(cls, repo: ModelRepository, ref: str = "cf-retrieval", mmap: bool = True) -> CFRetriever:
         """`name` (the serving version) or `name@version` in a model repository."""
-        name, _, version = ref.partition("@")
-        versions = repo.versions(name)
-        if not versions:
-            raise ModelConfigError(f"unknown model {name!r} in {repo.root}")
-        version = version or repo.serving_version(name)
-        if version not in versions:
-            raise ModelConfigError(f"model {name!r} has no version {version!r} (have {', '.join(versions)})")
-        return cls.from_directory(repo.root / name / version, mmap=mmap)
+        return cls.from_directory(repo.directory(ref), mmap=mmap)
 
     # ------------------------------------------------------------------------------------------
     def retrieve(self, histories: Sequence[UserHistory], k: int | None = None) -> list[Retrieval]:
