@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 import yaml
 from onnx import TensorProto, helper, numpy_helper
+from tiny_models import save_model
 
 from operators.model_repository import ModelRepository
 from operators.quantize import (
@@ -35,12 +36,7 @@ FAST = {"bench_seconds": 0.1, "calibration_count": 12, "held_out_count": 12}
 
 
 def _save(graph: onnx.GraphProto, path: Path) -> Path:
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
+    return save_model(graph, path)
 
 
 def tiny_cnn(path: Path, seed: int = 0) -> Path:

