@@ -68,6 +68,12 @@ class Settings:
     web_port: int = 6066
     web_host: str = "127.0.0.1"
     grpc_port: int = 0  # gRPC Predict/BatchPredict + health on web_host:grpc_port; 0 = off
+    # Synchronous API (REST /predict, /moderate; gRPC Predict, BatchPredict): bodies and gRPC messages
+    # are limited by max_message_bytes; beyond sync_max_in_flight calls of one model, calls are refused
+    # at once (429 / RESOURCE_EXHAUSTED) with Retry-After: sync_retry_after_s.
+    sync_max_in_flight: int = 32  # per model, REST and gRPC together; 0 = no limit
+    sync_retry_after_s: int = 1  # Retry-After (whole seconds) of a refused call
+    sync_timeout_s: float = 0.0  # longest wait for a result, also caps a client's deadline; 0 = none
     data_dir: str = ".inferstream"
     log_level: str = "info"
     log_format: str = "text"  # text | json (one JSON object per line, with record coordinates)

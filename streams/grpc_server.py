@@ -13,7 +13,10 @@ temporary directory and fails if the checked-in files differ, so they cannot dri
 Tensors travel as raw little-endian bytes in row-major order (`Tensor.raw`) with a numpy dtype name
 and a shape; string tensors as UTF-8 `Tensor.strings`. Errors map to status codes: NOT_FOUND (unknown
 model or version), INVALID_ARGUMENT (dtype, shape, input names), FAILED_PRECONDITION (a version that
-exists but is not loaded), INTERNAL (the model failed).
+exists but is not loaded), RESOURCE_EXHAUSTED (a message over max_message_bytes, either way, or the
+model's synchronous calls at sync_max_in_flight: trailing metadata `retry-after` in seconds),
+DEADLINE_EXCEEDED (the client's deadline, capped by sync_timeout_s), INTERNAL (the model failed).
+Clients should open their channels with `channel_options(max_message_bytes)`, the server's limits.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from operators.model_repository import ModelConfigError
 from operators.registry import Lease, ModelRegistry, NotLoaded, TensorError, check_feeds, run_requests
+from streams import metrics
+from streams.admission import Admission, DeadlineExceeded, Refused
+from streams.config import Settings
 from streams.proto import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -39,7 +45,11 @@ PROTO = Path(__file__).parent / "proto" / "inference.proto"
 GENERATED_HEADER = "# ruff: noqa\n# Generated from streams/proto/inference.proto by streams.grpc_server.regenerate().\n"
 NUMERIC_DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64",
                   "uint8", "uint16", "uint32", "uint64", "bool")
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """gRPC message size limits (both directions) of a server, or of a client channel talking to one."""
+    return [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
 
 
 # ----------------------------------------------------------------------------------- tensors
@@ -79,30 +89,58 @@ def to_tensor(name: str, array: np.ndarray) -> inference_pb2.Tensor:
 
 # ------------------------------------------------------------------------------------ service
 class _Abort(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, trailing_metadata: tuple = ()) -> None:
         super().__init__(message)
         self.code = code
+        self.trailing_metadata = trailing_metadata
+
+
+def _expired(context) -> bool:
+    remaining = context.time_remaining() if context is not None else None
+    return remaining is not None and remaining <= 0
 
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, admission: Admission | None = None,
+                 max_message_bytes: int | None = None) -> None:
         self.registry = registry
+        self.admission = admission or Admission.shared(registry)
+        self.max_message_bytes = max_message_bytes or self.admission.settings.max_message_bytes
 
     async def Predict(self, request, context):
-        try:
-            (response,) = await self.run([request])
+        async def call():
+            (response,) = await self.run([request], context)
             return response
-        except _Abort as exc:
-            await context.abort(exc.code, str(exc))
+        return await self._answer(call, context)
 
     async def BatchPredict(self, request, context):
-        try:
-            return inference_pb2.BatchPredictResponse(responses=await self.run(list(request.requests), batch=True))
-        except _Abort as exc:
-            await context.abort(exc.code, str(exc))
+        async def call():
+            responses = await self.run(list(request.requests), context, batch=True)
+            return inference_pb2.BatchPredictResponse(responses=responses)
+        return await self._answer(call, context)
 
-    async def run(self, requests: Sequence[inference_pb2.PredictRequest], batch: bool = False) -> list:
-        """Validate every request, then run them grouped by model version (stacked where possible)."""
+    async def _answer(self, call, context):
+        """Run the call; _Abort -> its status; every answer counted by status name."""
+        try:
+            response = await call()
+        except _Abort as exc:
+            metrics.API_RESPONSES.labels("grpc", exc.code.name).inc()
+            await context.abort(exc.code, str(exc), exc.trailing_metadata)
+        except asyncio.CancelledError:  # the client cancelled, or its deadline passed before ours fired
+            metrics.API_RESPONSES.labels("grpc", "DEADLINE_EXCEEDED" if _expired(context) else "CANCELLED").inc()
+            raise
+        if response.ByteSize() > self.max_message_bytes:  # say why, rather than grpc's bare send failure
+            metrics.API_RESPONSES.labels("grpc", "RESOURCE_EXHAUSTED").inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"the response is {response.ByteSize()} bytes, over max_message_bytes "
+                                f"({self.max_message_bytes}): ask for fewer outputs or rows")
+        metrics.API_RESPONSES.labels("grpc", "OK").inc()
+        return response
+
+    async def run(self, requests: Sequence[inference_pb2.PredictRequest], context=None, batch: bool = False) -> list:
+        """Validate every request, admit the call (one slot per model named), then run the requests
+        grouped by model version (stacked where possible) within the deadline (the client's, from
+        `context`, capped by sync_timeout_s)."""
         leases: list[Lease] = []
         try:
             prepared = []
@@ -123,24 +161,43 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 except TensorError as exc:
                     raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"{where}{request.model}: {exc}") from exc
                 prepared.append((lease.stage, feeds, tuple(request.outputs)))
-            groups: dict[tuple, list[int]] = {}
-            for i, (stage, _, outputs) in enumerate(prepared):
-                groups.setdefault((id(stage), outputs), []).append(i)
-            results: dict[int, dict[str, np.ndarray]] = {}
-            loop = asyncio.get_running_loop()
-            for indices in groups.values():
-                stage, _, outputs = prepared[indices[0]]
-                feeds = [prepared[i][1] for i in indices]
-                try:
-                    outs = await loop.run_in_executor(None, run_requests, stage.model.session, feeds, list(outputs) or None)
-                except Exception as exc:  # the model failed on these inputs: the caller's problem or ours, say which
-                    log.warning("grpc predict on %s failed: %s", stage.ref, exc)
-                    raise _Abort(grpc.StatusCode.INTERNAL, f"{stage.ref} failed: {type(exc).__name__}: {exc}") from exc
-                results.update(zip(indices, outs, strict=True))
+            models = [r.model for r in requests]
+            try:
+                with self.admission.admit(models, "grpc"):
+                    timeout_s = self.admission.timeout_s(context.time_remaining() if context is not None else None)
+                    try:
+                        async with self.admission.deadline(timeout_s, models, "grpc"):
+                            results = await self._run_groups(prepared)
+                    except asyncio.CancelledError:
+                        if _expired(context):  # grpc's own deadline fired before ours: count it all the same
+                            self.admission.count_deadline(models, "grpc")
+                        raise
+            except Refused as exc:
+                raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc),
+                             (("retry-after", str(exc.retry_after_s)),)) from exc
+            except DeadlineExceeded as exc:
+                raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from exc
             return [self._response(prepared[i][0], results[i]) for i in range(len(prepared))]
         finally:
             for lease in leases:
                 lease.release()
+
+    async def _run_groups(self, prepared: list) -> dict[int, dict[str, np.ndarray]]:
+        groups: dict[tuple, list[int]] = {}
+        for i, (stage, _, outputs) in enumerate(prepared):
+            groups.setdefault((id(stage), outputs), []).append(i)
+        results: dict[int, dict[str, np.ndarray]] = {}
+        loop = asyncio.get_running_loop()
+        for indices in groups.values():
+            stage, _, outputs = prepared[indices[0]]
+            feeds = [prepared[i][1] for i in indices]
+            try:
+                outs = await loop.run_in_executor(None, run_requests, stage.model.session, feeds, list(outputs) or None)
+            except Exception as exc:  # the model failed on these inputs: the caller's problem or ours, say which
+                log.warning("grpc predict on %s failed: %s", stage.ref, exc)
+                raise _Abort(grpc.StatusCode.INTERNAL, f"{stage.ref} failed: {type(exc).__name__}: {exc}") from exc
+            results.update(zip(indices, outs, strict=True))
+        return results
 
     @staticmethod
     def _response(stage, outputs: dict[str, np.ndarray]) -> inference_pb2.PredictResponse:
@@ -150,19 +207,26 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
 
 class GrpcServer:
-    """The Inference and Health services on `host:port` (port 0: any free port; `port` says which)."""
+    """The Inference and Health services on `host:port` (port 0: any free port; `port` says which).
 
-    def __init__(self, registry: ModelRegistry, host: str = "127.0.0.1", port: int = 0) -> None:
+    `settings`: message size and admission limits; without them, those the worker's REST API was built
+    with (one Admission per registry), else the environment's (Settings.load())."""
+
+    def __init__(self, registry: ModelRegistry, host: str = "127.0.0.1", port: int = 0,
+                 settings: Settings | None = None) -> None:
         self.registry = registry
         self.host = host
         self.port = port
+        self.admission = Admission.shared(registry, settings)
+        self.max_message_bytes = (settings or self.admission.settings).max_message_bytes
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> GrpcServer:
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                          ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
-        inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(self.registry), server)
+        # a request over the limit is refused by grpc itself: RESOURCE_EXHAUSTED, "larger than max"
+        server = grpc.aio.server(options=channel_options(self.max_message_bytes))
+        inference_pb2_grpc.add_InferenceServicer_to_server(
+            InferenceService(self.registry, self.admission, self.max_message_bytes), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self.port = server.add_insecure_port(f"{self.host}:{self.port}")
         if not self.port:

@@ -44,3 +44,12 @@ MODEL_INFO = Gauge("inferstream_model_info", "Loaded models (value 1) with their
                    ["model", "version", "task", "provider"], registry=REGISTRY)
 MODEL_LOADS = Counter("inferstream_model_loads_total", "Model load attempts by outcome", ["model", "version", "outcome"],
                       registry=REGISTRY)
+SYNC_IN_FLIGHT = Gauge("inferstream_sync_in_flight_requests",
+                       "Synchronous API calls (REST and gRPC) admitted and not yet answered, per model",
+                       ["model"], registry=REGISTRY)
+SYNC_REJECTED = Counter("inferstream_sync_rejected_total",
+                        "Synchronous API calls refused (reason in_flight_limit) or cut short (reason deadline_exceeded)",
+                        ["api", "model", "reason"], registry=REGISTRY)
+API_RESPONSES = Counter("inferstream_api_responses_total",
+                        "Answers of the synchronous and admin API: HTTP status (api=rest) or gRPC status name (api=grpc)",
+                        ["api", "code"], registry=REGISTRY)

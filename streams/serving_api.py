@@ -31,18 +31,21 @@ from operators.registry import (
     check_feeds,
     run_requests,
 )
+from streams.admission import MODERATE, Admission, DeadlineExceeded, Refused
 from streams.config import Settings
 
 ADMIN_ACTIONS = ("load", "promote", "rollback", "split", "shadow", "reload")
 IMAGE_TYPES = {"image/jpeg": "jpeg", "image/jpg": "jpeg", "image/png": "png"}
+JSON_TYPES = {"application/json", "text/plain", "application/x-www-form-urlencoded", ""}
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, error: str, detail: str) -> None:
+    def __init__(self, status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.error = error
         self.detail = detail
+        self.headers = headers or {}
 
     def body(self) -> dict[str, str]:
         return {"error": self.error, "detail": self.detail}
@@ -62,17 +65,39 @@ def _errors(exc: Exception) -> ApiError:
         return ApiError(409 if isinstance(exc, Conflict) else 400, "invalid_change", str(exc))
     if isinstance(exc, (TensorError, BadInput)):
         return ApiError(400, getattr(exc, "reason", "bad_tensor"), getattr(exc, "detail", str(exc)))
+    if isinstance(exc, Refused):
+        return ApiError(429, "too_many_requests", str(exc), {"Retry-After": str(exc.retry_after_s)})
+    if isinstance(exc, DeadlineExceeded):
+        return ApiError(504, "deadline_exceeded", str(exc))
     if isinstance(exc, (ModelFailed, BatchFailed)):
         return ApiError(500, "inference_failed", str(exc))
     raise exc
 
 
-def _json(body: bytes) -> Any:
+def _media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";")[0].strip().lower()
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _check_json_type(content_type: str | None) -> None:
+    media = _media_type(content_type)
+    if content_type is not None and media not in JSON_TYPES and not media.endswith("+json"):
+        raise ApiError(415, "unsupported_media_type", f"{media}: this route takes application/json")
+
+
+def _json(body: bytes, content_type: str | None = None) -> Any:
+    """The JSON value of a request body ({} when empty). Any JSON media type is taken, and so are a
+    missing type, text/plain and application/x-www-form-urlencoded (what `curl -d` sends); another
+    type is 415. NaN and Infinity are refused: they are not JSON."""
     if not body.strip():
         return {}
+    _check_json_type(content_type)
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return json.loads(body, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ApiError(400, "malformed_json", f"the body is not JSON: {exc}") from exc
 
 
@@ -83,6 +108,7 @@ class ServingAPI:
         self.settings = settings
         self.pipeline = pipeline
         self.limits = ImageLimits(settings.max_image_side, settings.max_image_pixels)
+        self.admission = Admission.shared(registry, settings)
 
     def authorize(self, authorization: str | None) -> None:
         """Admin endpoints need `Authorization: Bearer <api_token>`; with no token configured they are off."""
@@ -100,31 +126,37 @@ class ServingAPI:
     def model(self, name: str) -> dict[str, Any]:
         return next(m for m in self.registry.describe()["models"] if m["name"] == name)
 
-    async def predict(self, name: str, body: bytes, content_type: str, version: str | None = None,
-                      key: str | None = None) -> dict[str, Any]:
+    async def predict(self, name: str, body: bytes, content_type: str | None, version: str | None = None,
+                      key: str | None = None, timeout_s: float | None = None) -> dict[str, Any]:
         """An image (raw bytes, `image/jpeg` or `image/png`), `{"text": ...}`, or `{"inputs": {...}}`
-        raw tensors -> the operator's `as_dict()` result (or the output tensors) and the version used."""
+        raw tensors -> the operator's `as_dict()` result (or the output tensors) and the version used.
+        Checked in the order of the answers: 415, 400 (JSON), 404/409 (model), 429 (admission), then
+        400 (the input itself), 504 (`timeout_s` passed) or the result."""
+        media = _media_type(content_type)
+        request: Any = None
+        if media.startswith("image/"):
+            if media not in IMAGE_TYPES:
+                raise ApiError(415, "unsupported_media_type", f"{media}: send image/jpeg or image/png")
+        else:
+            request = _json(body, content_type)
+            if not isinstance(request, dict) or not ({"text", "inputs"} & set(request)):
+                raise ApiError(400, "bad_request", 'send an image (image/jpeg, image/png), {"text": ...} or {"inputs": {...}}')
         try:
             lease = await self.registry.acquire(name, version, key)
-            with lease:
+            with lease, self.admission.admit([name], "rest"):
                 stage = lease.stage
                 answer = {"model": name, "version": stage.model.config.version, "provider": stage.model.session.provider,
                           "task": stage.model.config.task}
-                content_type = (content_type or "").split(";")[0].strip().lower()
-                if content_type.startswith("image/"):
-                    if content_type not in IMAGE_TYPES:
-                        raise ApiError(415, "unsupported_media_type", f"{content_type}: send image/jpeg or image/png")
-                    value = await asyncio.to_thread(decode_image, body, IMAGE_TYPES[content_type], limits=self.limits)
-                    return {**answer, "result": await self._through_operator(stage, "image", value)}
-                request = _json(body)
-                if not isinstance(request, dict) or not ({"text", "inputs"} & set(request)):
-                    raise ApiError(400, "bad_request", 'send an image (image/jpeg, image/png), {"text": ...} or {"inputs": {...}}')
-                if "text" in request:
-                    if not isinstance(request["text"], str):
-                        raise ApiError(400, "bad_request", '"text" must be a string')
-                    return {**answer, "result": await self._through_operator(stage, "text", request["text"])}
-                return {**answer, "outputs": await self._tensors(stage, request["inputs"], request.get("outputs"))}
-        except (ModelConfigError, NotLoaded, TensorError, BadInput, BatchFailed) as exc:
+                async with self.admission.deadline(self.admission.timeout_s(timeout_s), [name], "rest"):
+                    if request is None:
+                        value = await asyncio.to_thread(decode_image, body, IMAGE_TYPES[media], limits=self.limits)
+                        return {**answer, "result": await self._through_operator(stage, "image", value)}
+                    if "text" in request:
+                        if not isinstance(request["text"], str):
+                            raise ApiError(400, "bad_request", '"text" must be a string')
+                        return {**answer, "result": await self._through_operator(stage, "text", request["text"])}
+                    return {**answer, "outputs": await self._tensors(stage, request["inputs"], request.get("outputs"))}
+        except (ModelConfigError, NotLoaded, TensorError, BadInput, BatchFailed, Refused, DeadlineExceeded) as exc:
             raise _errors(exc) from exc
 
     async def _through_operator(self, stage, kind: str, value: Any) -> Any:
@@ -139,6 +171,8 @@ class ServingAPI:
         `{name: {"dtype", "shape", "data"}}`."""
         if not isinstance(inputs, dict):
             raise ApiError(400, "bad_request", '"inputs" must map input names to tensors')
+        if outputs is not None and not (isinstance(outputs, list) and all(isinstance(o, str) for o in outputs)):
+            raise ApiError(400, "bad_request", '"outputs" must be a list of output names')
         declared = {s.name: s for s in stage.model.session.inputs}
         feeds = {}
         for name, value in inputs.items():
@@ -149,25 +183,30 @@ class ServingAPI:
             try:
                 array = np.array(data, dtype=object if dtype == "string" else np.dtype(dtype))
                 feeds[name] = array.reshape(shape) if shape is not None else array
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, OverflowError) as exc:
                 raise TensorError(f"input {name!r}: {exc}") from exc
         feeds = check_feeds(stage.model.session, feeds, outputs)
         (result,) = await asyncio.to_thread(run_requests, stage.model.session, [feeds], outputs or None)
         return {n: {"dtype": "string" if a.dtype == np.dtype(object) else a.dtype.name, "shape": list(a.shape),
                     "data": a.tolist()} for n, a in result.items()}
 
-    async def moderate(self, body: bytes) -> dict[str, Any]:
-        """A post (the `posts` schema) -> the verdict's fields, produced to no topic."""
+    async def moderate(self, body: bytes, content_type: str | None = None, timeout_s: float | None = None) -> dict[str, Any]:
+        """A post (the `posts` schema) -> the verdict's fields, produced to no topic. The moderation
+        pipeline counts as one model, `moderate`, for admission."""
         if self.pipeline is None:
             raise ApiError(404, "not_found", "this server runs no moderation pipeline")
+        if body.strip():
+            _check_json_type(content_type)  # the pipeline decodes the posts schema itself (400 when it cannot)
         try:
-            return await self.pipeline.moderate_post(body)
-        except (BadInput, ModelFailed) as exc:
+            with self.admission.admit([MODERATE], "rest"):
+                async with self.admission.deadline(self.admission.timeout_s(timeout_s), [MODERATE], "rest"):
+                    return await self.pipeline.moderate_post(body)
+        except (BadInput, ModelFailed, Refused, DeadlineExceeded) as exc:
             raise _errors(exc) from exc
 
-    async def admin(self, action: str, name: str, body: bytes) -> dict[str, Any]:
+    async def admin(self, action: str, name: str, body: bytes, content_type: str | None = None) -> dict[str, Any]:
         """One admin change of model `name`; answers the model's entry of /models after the change."""
-        request = _json(body)
+        request = _json(body, content_type)
         if not isinstance(request, dict):
             raise ApiError(400, "bad_request", "the body must be a JSON object")
         registry = self.registry

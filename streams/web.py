@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import faust
+from aiohttp import web as aiohttp_web
+from aiohttp.web_exceptions import HTTPException, HTTPRequestEntityTooLarge
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -34,6 +37,7 @@ from streams.serving_api import ADMIN_ACTIONS, ApiError, ServingAPI
 log = logging.getLogger(__name__)
 
 OPENAPI = Path(__file__).parent / "openapi.json"
+TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 
 
 class WorkerState:
@@ -85,24 +89,103 @@ def _agent_running(agent) -> bool:
     return any(t is not None and not t.done() for t in tasks)
 
 
-def _json_response(view: View, body: Any, status: int = 200) -> Response:
-    # allow_nan=False: a model's NaN must not become invalid JSON silently (it becomes a 500 instead)
-    return view.bytes(json.dumps(body, allow_nan=False).encode(), content_type="application/json", status=status)
+def _json_response(view: View, body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    response = view.bytes(_dumps(body), content_type="application/json", status=status)
+    response.headers.update(headers or {})
+    return response
+
+
+def _dumps(body: Any) -> bytes:
+    """JSON of `body`; a non-finite float (a model's NaN or overflow) becomes "NaN", "Infinity" or
+    "-Infinity", as in protobuf's JSON mapping, rather than invalid JSON or a 500."""
+    try:
+        return json.dumps(body, allow_nan=False).encode()
+    except ValueError:
+        return json.dumps(_finite(body), allow_nan=False).encode()
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _http_error(exc: HTTPException) -> ApiError:
+    """aiohttp's own refusals (body over client_max_size, no such route, method not allowed) as API errors."""
+    if isinstance(exc, HTTPRequestEntityTooLarge):
+        return ApiError(413, "payload_too_large", exc.text or "the body is too large")
+    error = (exc.reason or "error").lower().replace(" ", "_").replace("-", "_")
+    headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}
+    return ApiError(exc.status, error, exc.reason if not exc.text or exc.text.startswith(f"{exc.status}:") else exc.text,
+                    headers)
+
+
+@aiohttp_web.middleware
+async def _json_errors(request: aiohttp_web.Request, handler) -> aiohttp_web.StreamResponse:
+    """Every answer counted by status; aiohttp's HTTP errors raised outside a view (unknown route, wrong
+    method) answered with the `{"error", "detail"}` body like the views' own errors."""
+    try:
+        response = await handler(request)
+    except HTTPException as exc:
+        if exc.status < 400:
+            raise
+        error = _http_error(exc)
+        response = aiohttp_web.json_response(error.body(), status=error.status, headers=error.headers)
+    metrics.API_RESPONSES.labels("rest", str(response.status)).inc()
+    return response
 
 
 async def _answer(view: View, call) -> Response:
-    """Run an API call; ApiError -> its status and `{"error", "detail"}`; anything else -> 500, logged."""
+    """Run an API call; ApiError -> its status, headers and `{"error", "detail"}`; aiohttp's HTTP errors
+    (413 for a body over client_max_size) likewise; anything else -> 500, logged."""
     try:
         return _json_response(view, await call())
     except ApiError as exc:
-        return _json_response(view, exc.body(), exc.status)
+        return _json_response(view, exc.body(), exc.status, exc.headers)
+    except HTTPException as exc:
+        if exc.status < 400:
+            raise
+        error = _http_error(exc)
+        return _json_response(view, error.body(), error.status, error.headers)
     except Exception as exc:
         log.exception("%s failed", type(view).__name__)
         return _json_response(view, {"error": "internal_error", "detail": f"{type(exc).__name__}: {exc}"}, 500)
 
 
+async def _body(request: Request, limit: int) -> bytes:
+    """The request body, or 413 when it is over `limit` bytes (max_message_bytes: no body larger than a
+    record the streams take), refused from Content-Length before reading where the client sent one."""
+    too_large = ApiError(413, "payload_too_large", f"the body is over {limit} bytes (max_message_bytes)")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    body = await request.read()
+    if len(body) > limit:
+        raise too_large
+    return body
+
+
+def _timeout_s(request: Request) -> float | None:
+    """The client's deadline from the `X-Request-Timeout-Ms` header (milliseconds, > 0), in seconds."""
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return None
+    try:
+        ms = float(raw)
+    except ValueError:
+        ms = math.nan
+    if not (math.isfinite(ms) and ms > 0):
+        raise ApiError(400, "bad_timeout", f"{TIMEOUT_HEADER} must be a positive number of milliseconds, not {raw!r}")
+    return ms / 1000
+
+
 def install_api(app: faust.App, api: ServingAPI) -> None:
     """The serving API's routes (streams/openapi.json documents every one of them)."""
+    app.web.web_app.middlewares.append(_json_errors)
+    limit = api.settings.max_message_bytes
 
     @app.page("/openapi.json")
     class OpenAPI(View):
@@ -122,20 +205,23 @@ def install_api(app: faust.App, api: ServingAPI) -> None:
     class Predict(View):
         async def post(self, request: Request, model: str) -> Response:
             async def call():
-                body = await request.read()
-                return await api.predict(model, body, request.headers.get("Content-Type", ""),
-                                         request.query.get("version") or None, request.query.get("key") or None)
+                timeout_s = _timeout_s(request)
+                body = await _body(request, limit)
+                return await api.predict(model, body, request.headers.get("Content-Type"),
+                                         request.query.get("version") or None, request.query.get("key") or None,
+                                         timeout_s)
             return await _answer(self, call)
 
     @app.page("/moderate")
     class Moderate(View):
         async def post(self, request: Request) -> Response:
             async def call():
-                return await api.moderate(await request.read())
+                timeout_s = _timeout_s(request)
+                return await api.moderate(await _body(request, limit), request.headers.get("Content-Type"), timeout_s)
             return await _answer(self, call)
 
     for action in ADMIN_ACTIONS:
-        app.page(f"/admin/models/{{name}}/{action}", name=f"admin_{action}")(_admin_view(api, action))
+        app.page(f"/admin/models/{{name}}/{action}", name=f"admin_{action}")(_admin_view(api, action, limit))
 
     @app.page("/admin/reload")
     class AdminReload(View):
@@ -146,12 +232,12 @@ def install_api(app: faust.App, api: ServingAPI) -> None:
             return await _answer(self, call)
 
 
-def _admin_view(api: ServingAPI, action: str) -> type[View]:
+def _admin_view(api: ServingAPI, action: str, limit: int) -> type[View]:
     class AdminAction(View):
         async def post(self, request: Request, name: str) -> Response:
             async def call():
                 api.authorize(request.headers.get("Authorization"))
-                return await api.admin(action, name, await request.read())
+                return await api.admin(action, name, await _body(request, limit), request.headers.get("Content-Type"))
             return await _answer(self, call)
 
     AdminAction.__name__ = AdminAction.__qualname__ = f"Admin{action.title()}"
