@@ -4,6 +4,10 @@ The model labels every sub-word token; a word takes the label of its first sub-t
 is trained: the other sub-tokens are -100 in the loss), words are decoded from BIO or BIOES tags into
 entities with seqeval's lenient rules (an I- without a B- starts an entity, a type change ends one),
 and each entity is a character span of the ORIGINAL string.
+
+With `postprocess.patterns` in the model config, the validated recognizers of operators/pii_patterns.py
+run on the same text and their spans are merged with the model's (`merge_entities`): overlapping spans
+are resolved by validation first, then score, then length; each entity says which source found it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 
 from operators.classify import softmax
 from operators.model_repository import ModelConfigError
+from operators.pii_patterns import PatternConfig, PatternMatch, find_pii, resolve
 from operators.text import score_output
 from operators.tokens import (
     TextTokenizer,
@@ -28,7 +33,8 @@ from operators.tokens import (
 )
 
 SCHEMES = {"BIO": frozenset("BI"), "BIOES": frozenset("BIES")}
-POSTPROCESS_KEYS = {"scheme", "softmax", "output"}
+POSTPROCESS_KEYS = {"scheme", "softmax", "output", "patterns"}
+SOURCES = ("ner", "pattern")
 
 
 @dataclass(frozen=True)
@@ -39,10 +45,17 @@ class Entity:
     text: str
     start: int
     end: int  # exclusive
-    score: float  # mean probability of the entity's labelled (first sub-word) tokens
+    score: float  # ner: mean probability of the entity's labelled (first sub-word) tokens; pattern: fixed per rule
+    source: str = "ner"  # "ner" (the model) or "pattern" (a recognizer of operators/pii_patterns.py)
+    validated: bool = False  # a checksum or format rule confirmed it (pattern entities only)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"type": self.type, "text": self.text, "start": self.start, "end": self.end, "score": round(self.score, 6)}
+        return {"type": self.type, "text": self.text, "start": self.start, "end": self.end,
+                "score": round(self.score, 6), "source": self.source}
+
+    @classmethod
+    def from_pattern(cls, m: PatternMatch) -> Entity:
+        return cls(m.type, m.text, m.start, m.end, m.score, "pattern", m.validated)
 
 
 @dataclass(frozen=True)
@@ -136,6 +149,21 @@ def entities_from_words(text: str, tags: Sequence[str], probs: np.ndarray, spans
     return found
 
 
+def merge_entities(model: Sequence[Entity], patterns: Sequence[PatternMatch],
+                   model_types: frozenset[str] | None = None) -> list[Entity]:
+    """One entity list from the model's entities (only those of `model_types`, if given) and the
+    recognizers' matches: of overlapping spans the validated one wins, then the higher score, then the
+    longer; the result is disjoint and in text order.
+
+    >>> ner = [Entity("PHONE", "4111 1111", 5, 14, 0.97), Entity("PERSON", "Ann", 30, 33, 0.99)]
+    >>> card = PatternMatch("CARD", "4111 1111 1111 1111", 5, 24, 1.0, True, "card_visa")
+    >>> [(e.type, e.source) for e in merge_entities(ner, [card])]
+    [('CARD', 'pattern'), ('PERSON', 'ner')]
+    """
+    kept = [e for e in model if model_types is None or e.type in model_types]
+    return resolve([*kept, *(Entity.from_pattern(m) for m in patterns)])
+
+
 class TokenClassifier:
     """One NER model's three stages. `preprocess` tokenizes one text (in a worker thread) and raises
     BadInput; `run_batch` runs the session once per length bucket and decodes entities."""
@@ -162,6 +190,22 @@ class TokenClassifier:
             raise ModelConfigError(f"{cfg.ref}: {len(self.tags)} tags in labels.json but the model outputs {num_labels}")
         check_token_inputs(model.session.inputs, cfg.ref)
         self.tokenizer = TextTokenizer.for_model(cfg.directory, self.pre)
+        patterns = cfg.postprocess.get("patterns")
+        self.patterns: PatternConfig | None = None
+        self.model_types: frozenset[str] | None = None
+        if patterns is not None:
+            try:
+                patterns = dict(patterns)
+                model_types = patterns.pop("model_types", None)
+                self.patterns = PatternConfig.from_dict(patterns)
+            except (TypeError, ValueError) as exc:
+                raise ModelConfigError(f"{cfg.ref}: postprocess.patterns: {exc}") from exc
+            if model_types is not None:
+                self.model_types = frozenset(map(str, model_types))
+                tag_types = {split_tag(t)[1] for t in self.tags} - {""}
+                if self.model_types - tag_types:
+                    raise ModelConfigError(f"{cfg.ref}: postprocess.patterns.model_types "
+                                           f"{sorted(self.model_types - tag_types)} are not labels of the model")
 
     def preprocess(self, text: object) -> TokenizedText:
         return self.tokenizer.encode(check_text(text, self.pre.max_chars))
@@ -184,4 +228,7 @@ class TokenClassifier:
     def _entities(self, item: TokenizedText, label_ids: np.ndarray, probs: np.ndarray) -> Entities:
         word_labels, word_probs, spans = aggregate_words(item.word_ids, item.offsets, label_ids, probs)
         tags = [self.tags[k] for k in word_labels]
-        return Entities(tuple(entities_from_words(item.text, tags, word_probs, spans)), item.truncated)
+        found = entities_from_words(item.text, tags, word_probs, spans)
+        if self.patterns is not None:
+            found = merge_entities(found, find_pii(item.text, self.patterns), self.model_types)
+        return Entities(tuple(found), item.truncated)

@@ -5,7 +5,7 @@ input it reads (`text` or `image`) and its rule; the rule's shape follows the mo
 
     checks:
       toxicity:          {model: toxicity, input: text, label: toxic, above: 0.7}
-      pii:               {model: pii-ner, input: text, types: [PERSON, EMAIL, PHONE, ID], above: 0.5}
+      pii:               {model: pii-ner, input: text, types: [EMAIL, PHONE, CARD, IBAN, NATIONAL_ID], above: 0.5}
       nsfw:              {model: nudenet-320n, input: image, labels: [FEMALE_BREAST_EXPOSED], above: 0.5}
       forbidden_objects: {model: efficientnet-lite0, input: image, labels: [revolver, rifle], top_k: 3, above: 0.3}
 
@@ -15,6 +15,10 @@ Rules by task (results are the operators' `as_dict()` forms):
   unless `violation: false` (report only).
 - detect: violation for each detection whose label is in `labels` and score is above `above`.
 - classify: violation when a label in `labels` is within the `top_k` and above `above`.
+
+Redaction (off by default): `redact: true` (every entity the verdict lists) or `redact: {types: [EMAIL,
+PHONE]}` makes `Policy.redacted(text, entities)` return the text with those spans replaced by `[TYPE]`,
+for consumers that must not see PII; with no `redact` it returns None.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from operators.pii_patterns import redact
 
 INPUTS = ("text", "image")
 _RULE_KEYS = {"label", "labels", "types", "above", "top_k", "violation"}
@@ -81,10 +87,35 @@ class Check:
 
 
 @dataclass(frozen=True)
+class Redaction:
+    """Which entity types a redacted copy of the text hides; empty: every entity of the verdict."""
+
+    types: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_spec(cls, spec: Any, source: str) -> Redaction | None:
+        if spec is None or spec is False:
+            return None
+        if spec is True:
+            return cls()
+        if isinstance(spec, dict) and set(spec) <= {"types"} and isinstance(spec.get("types", []), list):
+            return cls(frozenset(map(str, spec.get("types", []))))
+        raise PolicyError(f"{source}: 'redact' must be true, false or {{types: [TYPE, ...]}}")
+
+
+@dataclass(frozen=True)
 class Policy:
     checks: tuple[Check, ...]
     source: str = "<inline>"
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
+    redaction: Redaction | None = None  # None: no redacted copy of the text (the default)
+
+    def redacted(self, text: str | None, entities: list[dict[str, Any]]) -> str | None:
+        """The text with the verdict's `entities` (of the redaction's types) replaced by `[TYPE]`; None
+        when the policy asks for no redaction or there is no text."""
+        if self.redaction is None or text is None:
+            return None
+        return redact(text, entities, self.redaction.types or None)
 
     def for_input(self, kind: str) -> tuple[Check, ...]:
         return tuple(c for c in self.checks if c.input == kind)
@@ -120,7 +151,7 @@ class Policy:
                 above=above, top_k=int(spec.get("top_k", 5)), violation=bool(spec.get("violation", True)),
                 required=bool(spec.get("required", True)),
             ))
-        return cls(tuple(checks), source, raw)
+        return cls(tuple(checks), source, raw, Redaction.from_spec(raw.get("redact"), source))
 
 
 def verdict_fields(policy_results: list[tuple[Check, str, Any]]) -> dict[str, Any]:

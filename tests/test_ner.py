@@ -192,7 +192,7 @@ def test_entity_offsets_index_the_original_string_for_any_text(tmp_path):
 
 def test_as_dict_lists_entities_as_policy_reads_them():
     found = Entities((Entity("PERSON", "Zoë", 0, 3, 0.98765432),))
-    assert found.as_dict() == [{"type": "PERSON", "text": "Zoë", "start": 0, "end": 3, "score": 0.987654}]
+    assert found.as_dict() == [{"type": "PERSON", "text": "Zoë", "start": 0, "end": 3, "score": 0.987654, "source": "ner"}]
 
 
 def test_labels_json_is_read_from_the_model_dir_when_the_config_names_none(tmp_path):
