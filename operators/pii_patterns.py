@@ -106,7 +106,7 @@ _IIN = (
     (300, 305, 3, (14, 15, 16, 17, 18, 19), "diners"), (36, 36, 2, (14, 15, 16, 17, 18, 19), "diners"),
     (38, 39, 2, (16, 17, 18, 19), "diners"),
     (62, 62, 2, (16, 17, 18, 19), "unionpay"),
-    (50, 50, 2, tuple(range(12, 20)), "maestro"), (56, 69, 2, tuple(range(12, 20)), "maestro"),
+    (50, 50, 2, tuple(range(13, 20)), "maestro"), (56, 69, 2, tuple(range(13, 20)), "maestro"),
 )
 
 
@@ -270,9 +270,13 @@ def find_phones(text: str, regions: Sequence[str]) -> list[PatternMatch]:
     return list(found.values())
 
 
+_CARD_GROUPINGS = re.compile(r"^(?:\d{12,19}|(?:\d{4} ){2,3}\d{4}(?: \d{1,4})?|\d{4} \d{6} \d{4,5})$")
+
+
 def find_cards(text: str) -> list[PatternMatch]:
     """A run of digit groups can hold a card beside other numbers ("4111 1111 1111 1111 12/27"): every
-    contiguous sub-run of groups is tried, the longest valid one is kept."""
+    contiguous sub-run of groups grouped the way cards are printed (4-4-4-4[-x], Amex 4-6-5, Diners
+    4-6-4, or ungrouped) is tried, the longest valid one is kept."""
     found = []
     for m in _CARD.finditer(text):
         groups = [(g.start() + m.start(), g.end() + m.start()) for g in re.finditer(r"\d+", m.group())]
@@ -281,8 +285,9 @@ def find_cards(text: str) -> list[PatternMatch]:
             for j in range(len(groups), i, -1):
                 start, end = groups[i][0], groups[j - 1][1]
                 digits = re.sub(r"\D", "", text[start:end])
+                grouping = re.sub(r"[ -]", " ", text[start:end])
                 if 12 <= len(digits) <= 19 and (best is None or end - start > best[1] - best[0]) \
-                        and luhn_valid(digits) and card_network(digits):
+                        and _CARD_GROUPINGS.match(grouping) and luhn_valid(digits) and card_network(digits):
                     best = (start, end, card_network(digits))
         if best:
             start, end, network = best
@@ -351,8 +356,8 @@ def find_context_ids(text: str, window: int) -> list[PatternMatch]:
         if len(compact) < 5 or sum(c.isdigit() for c in compact) < 2 or _DATE_LIKE.match(token):
             continue
         kind = _context_type(text, m.start(), window)
-        if kind is None:
-            continue
+        if kind is None or (kind == "NATIONAL_ID" and _SSN.fullmatch(token)):
+            continue  # an SSN-shaped national ID is the SSN recognizer's to accept or refuse
         found.append(PatternMatch(kind, token, m.start(), m.end(), 0.8, False, f"context_{kind.lower()}"))
     return found
 
@@ -368,7 +373,7 @@ def find_ip_addresses(text: str) -> list[PatternMatch]:
             continue
         if ip.version == 4 and not _IP_CONTEXT.search(text[max(0, m.start() - 40) : m.start()]):
             continue  # a bare dotted quad is as often a version or a score as an address
-        found.append(PatternMatch("IP_ADDRESS", m.group(), m.start(), m.end(), 0.9, True, f"ipv{ip.version}"))
+        found.append(PatternMatch("IP_ADDRESS", m.group(), m.start(), m.end(), 1.0, True, f"ipv{ip.version}"))
     return found
 
 
