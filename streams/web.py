@@ -162,7 +162,10 @@ async def _body(request: Request, limit: int) -> bytes:
     too_large = ApiError(413, "payload_too_large", f"the body is over {limit} bytes (max_message_bytes)")
     if request.content_length is not None and request.content_length > limit:
         raise too_large
-    body = await request.read()
+    try:
+        body = await request.read()
+    except HTTPRequestEntityTooLarge as exc:  # a chunked body over aiohttp's client_max_size
+        raise too_large from exc
     if len(body) > limit:
         raise too_large
     return body

@@ -14,25 +14,30 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from onnx import TensorProto, helper, numpy_helper
+from test_api_edges import Gate
 from test_registry import add_version
-from tiny_models import tiny_logits
+from tiny_models import save_model, tiny_logits
 
 from operators.model_repository import ModelRepository
 from operators.registry import ModelRegistry
+from streams import metrics
+from streams.admission import Admission
 from streams.broker import free_port
 from streams.config import Settings
-from streams.grpc_server import SERVICE, GrpcServer, regenerate, to_array, to_tensor
+from streams.grpc_server import SERVICE, GrpcServer, channel_options, regenerate, to_array, to_tensor
 from streams.proto import inference_pb2, inference_pb2_grpc
 
 
-def serve(root: Path, calls):
-    """Start a server on a free port, run `calls(stub, health_stub, registry)` over a real channel."""
+def serve(root: Path, calls, settings: Settings | None = None, options: list | None = None):
+    """Start a server on a free port, run `calls(stub, health_stub, registry)` over a real channel
+    (opened with `options`)."""
 
     async def run():
         registry = ModelRegistry(ModelRepository(root))
-        server = await GrpcServer(registry, "127.0.0.1", 0).start()
+        server = await GrpcServer(registry, "127.0.0.1", 0, settings=settings or Settings(model_dir=str(root))).start()
         try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=options) as channel:
                 return await calls(inference_pb2_grpc.InferenceStub(channel), health_pb2_grpc.HealthStub(channel), registry)
         finally:
             await server.stop(0)
@@ -164,3 +169,107 @@ def test_serve_grpc_command_serves_the_repository_until_sigterm(tiny_repo, tmp_p
         _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr
     assert f"127.0.0.1:{port}" in stderr
+
+
+# ------------------------------------------------------------------------------- limits, deadlines
+def expand_model(root: Path, width: int) -> None:
+    """`expand`: out = tile(x, width) -> (N, width) float32 from (N, 1): a response far larger than its request."""
+    directory = root / "expand" / "1"
+    graph = helper.make_graph(
+        [helper.make_node("Tile", ["x", "repeats"], ["out"])], "expand",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", width])],
+        [numpy_helper.from_array(np.array([1, width], np.int64), "repeats")])
+    save_model(graph, directory / "model.onnx")
+    (directory / "config.yaml").write_text("task: embed\nfile: model.onnx\nruntime: {providers: [cpu], intra_op_threads: 1}\n")
+
+
+def test_messages_over_max_message_bytes_are_resource_exhausted_both_ways(tiny_repo):
+    limit = 50_000
+    expand_model(tiny_repo, 4096)
+    settings = Settings(model_dir=str(tiny_repo), max_message_bytes=limit)
+    big = request(batch(5, 0))  # 5 x 12 KiB of pixels
+    assert big.ByteSize() > limit
+    small = inference_pb2.PredictRequest(model="expand", inputs=[to_tensor("x", np.ones((4, 1), np.float32))])  # 64 KiB out
+
+    async def calls(stub, health, registry):
+        codes = {}
+        for what, call in {"request": stub.Predict(big), "batch request": stub.BatchPredict(
+                               inference_pb2.BatchPredictRequest(requests=[request(batch(3, 1)), request(batch(3, 2))])),
+                           "response": stub.Predict(small)}.items():
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            codes[what] = (err.value.code(), err.value.details())
+        fits = await stub.Predict(request(batch(2, 0)))
+        return codes, fits
+
+    # the client's own limits are raised: what is refused here is refused by the server
+    codes, fits = serve(tiny_repo, calls, settings, options=channel_options(10 * limit))
+    assert {what: code for what, (code, _) in codes.items()} == dict.fromkeys(codes, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert "max_message_bytes" in codes["response"][1]
+    np.testing.assert_allclose(to_array(fits.outputs[0]), tiny_logits(batch(2, 0)), rtol=1e-5, atol=1e-5)
+
+
+def test_calls_over_the_in_flight_limit_are_resource_exhausted_with_retry_after(tiny_repo):
+    settings = Settings(model_dir=str(tiny_repo), sync_max_in_flight=1, sync_retry_after_s=4)
+    labels = {"api": "grpc", "model": "tiny", "reason": "in_flight_limit"}
+    before = metrics.REGISTRY.get_sample_value("inferstream_sync_rejected_total", labels) or 0
+    x = batch(1, 0)
+
+    async def calls(stub, health, registry):
+        await stub.Predict(request(x))  # loads tiny
+        gate = Gate(registry.stage("tiny@1"))
+        held = asyncio.ensure_future(stub.Predict(request(x)))
+        await gate.entered()
+        refused = []
+        for call in (stub.Predict(request(x)),
+                     stub.BatchPredict(inference_pb2.BatchPredictRequest(requests=[request(x, model="poisoned"), request(x)]))):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            refused.append((err.value.code(), dict(await call.trailing_metadata()).get("retry-after")))
+        other_model = await stub.Predict(request(x, model="poisoned"))
+        gate.open()
+        return refused, (await held).model, other_model.model, (await stub.Predict(request(x))).model
+
+    refused, held, other_model, again = serve(tiny_repo, calls, settings)
+    assert refused == [(grpc.StatusCode.RESOURCE_EXHAUSTED, "4")] * 2
+    assert (held, other_model, again) == ("tiny", "poisoned", "tiny")
+    assert (metrics.REGISTRY.get_sample_value("inferstream_sync_rejected_total", labels) or 0) - before == 2
+
+
+def test_the_client_deadline_is_honoured_and_frees_the_slot(tiny_repo):
+    settings = Settings(model_dir=str(tiny_repo), sync_max_in_flight=1)
+    labels = {"api": "grpc", "model": "tiny", "reason": "deadline_exceeded"}
+    before = metrics.REGISTRY.get_sample_value("inferstream_sync_rejected_total", labels) or 0
+    x = batch(1, 0)
+
+    async def calls(stub, health, registry):
+        await stub.Predict(request(x))
+        gate = Gate(registry.stage("tiny@1"))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Predict(request(x), timeout=0.3)
+        await asyncio.wait_for(Admission.shared(registry).idle("tiny"), 10)  # the server let go of the call
+        gate.open()
+        return err.value.code(), (await stub.Predict(request(x))).model
+
+    code, after = serve(tiny_repo, calls, settings)
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and after == "tiny"
+    assert (metrics.REGISTRY.get_sample_value("inferstream_sync_rejected_total", labels) or 0) - before == 1
+
+
+def test_sync_timeout_s_caps_a_call_without_a_deadline(tiny_repo):
+    settings = Settings(model_dir=str(tiny_repo), sync_timeout_s=0.2)
+    x = batch(1, 0)
+
+    async def calls(stub, health, registry):
+        await stub.Predict(request(x))
+        gate = Gate(registry.stage("tiny@1"))
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Predict(request(x), timeout=60)
+            return err.value.code(), err.value.details()
+        finally:
+            gate.open()
+
+    code, details = serve(tiny_repo, calls, settings)
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "0.200 s" in details
