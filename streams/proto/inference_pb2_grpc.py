@@ -28,7 +28,19 @@ if _version_not_supported:
 
 
 class InferenceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Status codes (the message says what was wrong; only INTERNAL is the server's fault):
+    NOT_FOUND            unknown model or version
+    INVALID_ARGUMENT     unknown dtype, input names not exactly the model's, wrong dtype or shape,
+    raw bytes or strings that do not fill the shape, unknown output names
+    FAILED_PRECONDITION  the version exists but is not loaded here (serve it: admin load, split, shadow)
+    RESOURCE_EXHAUSTED   a request or response over the server's message limit (INFERSTREAM_MAX_MESSAGE_BYTES,
+    both directions; open client channels with the same grpc.max_send_message_length
+    and grpc.max_receive_message_length), or the model already has
+    INFERSTREAM_SYNC_MAX_IN_FLIGHT synchronous calls (REST and gRPC together) in
+    flight: refused at once, trailing metadata `retry-after` (seconds) says when to retry
+    DEADLINE_EXCEEDED    the call's deadline passed first: the client's, capped by INFERSTREAM_SYNC_TIMEOUT_S
+    INTERNAL             the model failed on these inputs
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -49,18 +61,29 @@ class InferenceStub:
 
 
 class InferenceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Status codes (the message says what was wrong; only INTERNAL is the server's fault):
+    NOT_FOUND            unknown model or version
+    INVALID_ARGUMENT     unknown dtype, input names not exactly the model's, wrong dtype or shape,
+    raw bytes or strings that do not fill the shape, unknown output names
+    FAILED_PRECONDITION  the version exists but is not loaded here (serve it: admin load, split, shadow)
+    RESOURCE_EXHAUSTED   a request or response over the server's message limit (INFERSTREAM_MAX_MESSAGE_BYTES,
+    both directions; open client channels with the same grpc.max_send_message_length
+    and grpc.max_receive_message_length), or the model already has
+    INFERSTREAM_SYNC_MAX_IN_FLIGHT synchronous calls (REST and gRPC together) in
+    flight: refused at once, trailing metadata `retry-after` (seconds) says when to retry
+    DEADLINE_EXCEEDED    the call's deadline passed first: the client's, capped by INFERSTREAM_SYNC_TIMEOUT_S
+    INTERNAL             the model failed on these inputs
+    """
 
     def Predict(self, request, context):
-        """Errors: NOT_FOUND (unknown model or version), INVALID_ARGUMENT (bad dtype, shape, input names),
-        FAILED_PRECONDITION (the version exists but is not loaded), INTERNAL (the model failed).
-        """
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def BatchPredict(self, request, context):
-        """All or nothing: an invalid request fails the call with its index in the message.
+        """All or nothing: an invalid request fails the call with its index in the message. The call holds
+        one in-flight slot of each model it names.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -88,7 +111,19 @@ def add_InferenceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Inference:
-    """Missing associated documentation comment in .proto file."""
+    """Status codes (the message says what was wrong; only INTERNAL is the server's fault):
+    NOT_FOUND            unknown model or version
+    INVALID_ARGUMENT     unknown dtype, input names not exactly the model's, wrong dtype or shape,
+    raw bytes or strings that do not fill the shape, unknown output names
+    FAILED_PRECONDITION  the version exists but is not loaded here (serve it: admin load, split, shadow)
+    RESOURCE_EXHAUSTED   a request or response over the server's message limit (INFERSTREAM_MAX_MESSAGE_BYTES,
+    both directions; open client channels with the same grpc.max_send_message_length
+    and grpc.max_receive_message_length), or the model already has
+    INFERSTREAM_SYNC_MAX_IN_FLIGHT synchronous calls (REST and gRPC together) in
+    flight: refused at once, trailing metadata `retry-after` (seconds) says when to retry
+    DEADLINE_EXCEEDED    the call's deadline passed first: the client's, capped by INFERSTREAM_SYNC_TIMEOUT_S
+    INTERNAL             the model failed on these inputs
+    """
 
     @staticmethod
     def Predict(request,
