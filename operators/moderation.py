@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from operators.batcher import BatchFailed
 from operators.model_repository import ModelRepository
 from operators.policy import Policy, PolicyError, verdict_fields
 from operators.registry import MODERATION_TASKS, Lease, ModelRegistry, Stage, operator_for
@@ -60,6 +62,13 @@ class Assignment:
         """Refs that run only as shadows: their failure never fails the record."""
         return {s.ref for s in self.shadows.values()} - {s.ref for s in self.stages.values()}
 
+    def stage_of(self, ref: str) -> Stage:
+        """The stage (primary or shadow) of this record named `ref`."""
+        for stage in (*self.stages.values(), *self.shadows.values()):
+            if stage.ref == ref:
+                return stage
+        raise KeyError(ref)
+
     def models(self) -> dict[str, dict[str, str]]:
         """check -> {name, version, provider, arm}: the `models` field of a verdict."""
         return {check: {**stage.info, "arm": self.arms[check]} for check, stage in self.stages.items()}
@@ -68,6 +77,21 @@ class Assignment:
         """The same record with each shadowed check served by its shadow version (arm `shadow`)."""
         return Assignment(self.key, {**self.stages, **self.shadows},
                           {**self.arms, **{check: "shadow" for check in self.shadows}})
+
+
+def preprocess_all(operator: Any, values: Sequence[Any]) -> list[Any]:
+    """An operator's preprocessing of a batch of values: its own `preprocess_many` when it has one
+    (e.g. one tokenizer call), else `preprocess` per value; a value refused is its exception."""
+    many = getattr(operator, "preprocess_many", None)
+    if many is not None and values:
+        return many(values)
+    out: list[Any] = []
+    for value in values:
+        try:
+            out.append(operator.preprocess(value))
+        except Exception as exc:  # refused (BadInput) or a bug: either way this value alone
+            out.append(exc)
+    return out
 
 
 class Moderator:
@@ -125,48 +149,80 @@ class Moderator:
 
     def prepare(self, text: str | None = None, image: np.ndarray | None = None,
                 assignment: Assignment | None = None) -> dict[str, Any]:
-        """Per-record preprocessing for every model that reads this record's parts (CPU work: run it in
-        a worker thread), keyed by stage ref. Raises BadInput for input a model cannot take. Shadow
-        versions are prepared too; a shadow that cannot take the input is skipped, never fatal."""
-        a = assignment or self.assign(None, lease=False)
-        items: dict[str, Any] = {}
-        for kind, value in (("text", text), ("image", image)):
-            if value is None:
-                continue
-            for check in self.policy.for_input(kind):
-                stage = a.stages[check.name]
-                if stage.ref not in items:
-                    items[stage.ref] = stage.operator.preprocess(value)
-            for check in self.policy.for_input(kind):
-                shadow = a.shadows.get(check.name)
-                if shadow is None or shadow.ref in items:
-                    continue
-                try:
-                    items[shadow.ref] = shadow.operator.preprocess(value)
-                except Exception as exc:  # the shadow must never change what happens to the record
-                    log.warning("shadow %s cannot preprocess record %s: %s", shadow.ref, a.key, exc)
+        """Preprocessing of one record for every model that reads its parts, keyed by stage ref (CPU
+        work: run it in a worker thread). Raises BadInput for input a model cannot take."""
+        (items,) = self.prepare_many([(text, image)], [assignment or self.assign(None, lease=False)])
+        if isinstance(items, Exception):
+            raise items
         return items
 
-    async def judge(self, items: dict[str, Any], assignment: Assignment | None = None) -> dict[str, Any]:
-        """Submit each prepared part to its model's batcher concurrently; the results as_dict() by stage
-        ref. A shadow that fails is left out of the results (logged); any other failure raises."""
-        from operators.batcher import BatchFailed
+    def prepare_many(self, parts: Sequence[tuple[str | None, np.ndarray | None]],
+                     assignments: Sequence[Assignment]) -> list[dict[str, Any] | Exception]:
+        """Per-record preprocessing for a batch of records (`(text, image)` each, None where absent):
+        each model preprocesses all the records it reads in one call (one tokenizer call per text
+        model). Returns per record its items keyed by stage ref, or the exception that refuses it
+        (BadInput for input a model cannot take). Shadow versions are prepared too; a shadow that
+        cannot take the input is skipped, never fatal."""
+        out: list[dict[str, Any] | Exception] = [{} for _ in parts]
+        for position, kind in enumerate(("text", "image")):
+            checks = self.policy.for_input(kind)
+            primary: dict[str, tuple[Stage, dict[int, None]]] = {}
+            shadow: dict[str, tuple[Stage, dict[int, None]]] = {}
+            for i, (part, a) in enumerate(zip(parts, assignments, strict=True)):
+                if part[position] is None:
+                    continue
+                for check in checks:
+                    stage = a.stages[check.name]
+                    primary.setdefault(stage.ref, (stage, {}))[1][i] = None
+                    extra = a.shadows.get(check.name)
+                    if extra is not None:
+                        shadow.setdefault(extra.ref, (extra, {}))[1][i] = None
+            for optional, groups in ((False, primary), (True, shadow)):
+                for ref, (stage, rows) in groups.items():
+                    wanted = [i for i in rows if isinstance(out[i], dict) and ref not in out[i]]
+                    items = preprocess_all(stage.operator, [parts[i][position] for i in wanted])
+                    for i, item in zip(wanted, items, strict=True):
+                        if not isinstance(item, Exception):
+                            out[i][ref] = item
+                        elif optional:  # the shadow must never change what happens to the record
+                            log.warning("shadow %s cannot preprocess record %s: %s", ref, assignments[i].key, item)
+                        else:
+                            out[i] = item
+        return out
 
-        stages = {s.ref: s for s in [*assignment.stages.values(), *assignment.shadows.values()]} if assignment else {}
-        optional = assignment.shadow_refs if assignment else set()
-        refs = list(items)
-        chosen = [stages.get(r) or self.registry.stage(r) for r in refs]
-        outcomes = await asyncio.gather(*(s.batcher.submit(items[s.ref]) for s in chosen), return_exceptions=True)
-        results = {}
-        for stage, outcome in zip(chosen, outcomes, strict=True):
-            if isinstance(outcome, BaseException) and stage.ref in optional and isinstance(outcome, Exception):
-                log.warning("shadow %s failed on record %s: %s", stage.ref, assignment.key, outcome)
-                continue
-            if isinstance(outcome, BatchFailed):
-                raise ModelFailed(stage.model.ref, str(outcome))
-            if isinstance(outcome, BaseException):
-                raise outcome
-            results[stage.ref] = outcome.as_dict()
+    async def judge(self, items: dict[str, Any], assignment: Assignment | None = None) -> dict[str, Any]:
+        """The results of one prepared record as_dict() by stage ref; raises ModelFailed."""
+        (results,) = await self.judge_many([items], [assignment or self.assign(None, lease=False)])
+        if isinstance(results, Exception):
+            raise results
+        return results
+
+    async def judge_many(self, items: Sequence[dict[str, Any]],
+                         assignments: Sequence[Assignment]) -> list[dict[str, Any] | ModelFailed]:
+        """Every prepared record's parts through their models' batchers: one submission per model for
+        the whole batch, all models concurrently. Per record its results as_dict() by stage ref, or
+        ModelFailed when one of its (non-shadow) models failed on it even alone. A shadow that fails
+        is left out of the results (logged)."""
+        groups: dict[str, tuple[Stage, list[int]]] = {}
+        for i, (record_items, a) in enumerate(zip(items, assignments, strict=True)):
+            for ref in record_items:
+                if ref not in groups:
+                    groups[ref] = (a.stage_of(ref), [])
+                groups[ref][1].append(i)
+        outcomes = await asyncio.gather(*(stage.batcher.submit_many([items[i][ref] for i in rows])
+                                          for ref, (stage, rows) in groups.items()))
+        results: list[dict[str, Any] | ModelFailed] = [{} for _ in items]
+        for (ref, (stage, rows)), outs in zip(groups.items(), outcomes, strict=True):
+            for i, outcome in zip(rows, outs, strict=True):
+                done = results[i]
+                if isinstance(done, ModelFailed):
+                    continue
+                if not isinstance(outcome, BatchFailed):
+                    done[ref] = outcome.as_dict()
+                elif ref in assignments[i].shadow_refs:
+                    log.warning("shadow %s failed on record %s: %s", ref, assignments[i].key, outcome)
+                else:
+                    results[i] = ModelFailed(stage.model.ref, str(outcome))
         return results
 
     def judgement(self, results: dict[str, Any], assignment: Assignment | None = None) -> dict[str, Any]:

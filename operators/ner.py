@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from operators.classify import softmax
+from operators.errors import BadInput
 from operators.model_repository import ModelConfigError
 from operators.pii_patterns import PatternConfig, PatternMatch, find_pii, resolve
 from operators.text import score_output
@@ -29,6 +30,7 @@ from operators.tokens import (
     TokenizedText,
     check_text,
     check_token_inputs,
+    preprocess_texts,
     text_model_preprocess,
 )
 
@@ -209,6 +211,10 @@ class TokenClassifier:
 
     def preprocess(self, text: object) -> TokenizedText:
         return self.tokenizer.encode(check_text(text, self.pre.max_chars))
+
+    def preprocess_many(self, texts: list[object]) -> list[TokenizedText | BadInput]:
+        """`preprocess` of a batch: one tokenizer call for all; a refused text is a BadInput in its place."""
+        return preprocess_texts(texts, lambda text: check_text(text, self.pre.max_chars), self.tokenizer)
 
     def run_batch(self, items: list[TokenizedText]) -> list[Entities]:
         results: list[Entities | None] = [None] * len(items)

@@ -645,7 +645,7 @@ class ModelRegistry:
         """Close a stage no record ever saw (loaded, then not switched to)."""
         stage.closed = True
         if stage.batcher is not None:
-            stage.batcher._executor.shutdown(wait=False)
+            stage.batcher.discard()
         if stage.ref not in self._stages:
             self.hooks.on_retired(stage)
 

@@ -8,7 +8,7 @@ is padded only to its own longest sequence (`pad_batch`). Token offsets and word
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,7 +165,20 @@ class TextTokenizer:
 
     def encode(self, text: str) -> TokenizedText:
         """One text -> its tokens, truncated to max_length (or BadInput when truncation is off)."""
-        enc = self._tokenizer.encode(text)
+        return self._tokenized(text, self._tokenizer.encode(text))
+
+    def encode_many(self, texts: Sequence[str]) -> list[TokenizedText | BadInput]:
+        """Texts -> their tokens in one call of the fast tokenizer (its batch encode runs in Rust,
+        outside the GIL); a text refused alone is a BadInput in its place."""
+        out: list[TokenizedText | BadInput] = []
+        for text, enc in zip(texts, self._tokenizer.encode_batch(list(texts)), strict=True):
+            try:
+                out.append(self._tokenized(text, enc))
+            except BadInput as exc:
+                out.append(exc)
+        return out
+
+    def _tokenized(self, text: str, enc) -> TokenizedText:
         truncated = bool(enc.overflowing)
         if truncated and not self.truncation:
             raise BadInput("text_too_long", f"more than {self.max_length} tokens")
@@ -203,3 +216,23 @@ def text_model_preprocess(model, task: str, postprocess_keys: set[str] | frozens
     if unknown:
         raise ModelConfigError(f"{cfg.ref}: unknown {task} postprocess keys {sorted(unknown)}")
     return pre
+
+
+def preprocess_texts(values: Sequence[object], check: Callable[[object], str],
+                     tokenizer: TextTokenizer | None) -> list[str | TokenizedText | BadInput]:
+    """A batch of texts -> model items: each text checked (and normalised) by `check`, then all
+    tokenised at once when the model reads tokens; a text refused is a BadInput in its place."""
+    out: list[Any] = []
+    texts: list[str] = []
+    where: list[int] = []
+    for i, value in enumerate(values):
+        try:
+            texts.append(check(value))
+            where.append(i)
+            out.append(None)
+        except BadInput as exc:
+            out.append(exc)
+    items = texts if tokenizer is None else tokenizer.encode_many(texts)
+    for i, item in zip(where, items, strict=True):
+        out[i] = item
+    return out

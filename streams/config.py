@@ -50,7 +50,8 @@ class Settings:
     providers: str = ""  # e.g. "cuda,cpu"; empty = each model config's own preference
     intra_op_threads: int = 0  # 0 = ONNX Runtime default
     decode_threads: int = 2
-    max_in_flight: int = 256  # records decoded/inferring per agent before consuming pauses
+    max_in_flight: int = 1024  # records decoded/inferring per agent before consuming pauses
+    max_batch_records: int = 256  # records an agent takes from its stream at once (one batch of work)
     # Recommendations
     recommendations: str = "auto"  # auto: on when the models below load; on: they must; off
     retrieval_model: str = "cf-retrieval"

@@ -14,8 +14,9 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from operators.errors import BadInput
@@ -55,11 +56,30 @@ def source_of(event: Any) -> SourceRecord:
     return SourceRecord(m.topic, m.partition, m.offset, int(ts * 1000) if ts else None, m.key, decode_headers(m.headers), m.value)
 
 
-class _Stage:
-    """Tracks how far a record got, so a dead letter can say where it failed."""
+@dataclass(eq=False)
+class _Record:
+    """One input record on its way through a batch: what it is, which versions judge it, and how far
+    it got. `failure` (reason, detail, stage) ends its way with a dead letter."""
 
-    def __init__(self) -> None:
-        self.name = "validate"
+    source: SourceRecord
+    stage: str = "validate"
+    record_id: str = ""
+    fields: dict[str, Any] | None = None
+    assignment: Assignment | None = None
+    text: str | None = None
+    image: tuple[bytes, str, int | None, int | None] | None = None  # (data, encoding, declared width, height)
+    items: dict[str, Any] | None = None
+    results: dict[str, Any] | None = None
+    failure: tuple[str, str, str] | None = None
+
+    def fail(self, exc: Exception) -> None:
+        if isinstance(exc, BadInput):
+            self.failure = (exc.reason, exc.detail, self.stage)
+        elif isinstance(exc, ModelFailed):
+            self.failure = ("inference_failed", str(exc), self.stage)
+        else:  # a bug, not bad input: still never lose the record
+            log.error("record failed in %s: %s", self.stage, exc, exc_info=exc, extra=record_fields(self.source, stage=self.stage))
+            self.failure = ("internal_error", f"{type(exc).__name__}: {exc}", self.stage)
 
 
 class ModerationPipeline:
@@ -69,7 +89,12 @@ class ModerationPipeline:
     Each record is assigned its model versions by its id (`Moderator.assign`): the serving version, or
     its A/B arm, deterministic per id. Sampled ids also run the shadow version; its verdict goes to
     `shadow_topic` (default: the live `shadow-verdicts` when writing the live verdicts, none for a
-    replay into its own topic), never to the verdicts topic."""
+    replay into its own topic), never to the verdicts topic.
+
+    Records are handled in batches (`handle_frames`, `handle_posts`): parsed and assigned on the event
+    loop, decoded and preprocessed in the decode threads (one hand-off per chunk of the batch, each
+    model preprocessing its records in one call), judged with one submission per model, and turned into
+    verdicts; every record of the batch gets its outputs or a dead letter, never an exception."""
 
     def __init__(self, settings: Settings, moderator: Moderator, verdicts_topic: str | None = None,
                  dead_letters_topic: str | None = None, versioned_keys: bool = False,
@@ -77,7 +102,8 @@ class ModerationPipeline:
         self.settings = settings
         self.moderator = moderator
         self.limits = ImageLimits(settings.max_image_side, settings.max_image_pixels)
-        self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        self.decode_threads = max(1, settings.decode_threads)
+        self.pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
         self.shadow_topic = shadow_topic or (settings.topic(SHADOW_VERDICTS) if verdicts_topic is None else None)
         self.verdicts_topic = verdicts_topic or settings.topic(VERDICTS)
         self.dead_letters_topic = dead_letters_topic or settings.topic(DEAD_LETTERS)
@@ -87,73 +113,131 @@ class ModerationPipeline:
     async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
+    # ----------------------------------------------------------------------------- the record path
     async def handle_frame(self, source: SourceRecord) -> list[Output]:
-        """Never raises: every failure becomes a dead letter."""
-
-        async def judge(stage: _Stage) -> list[Output]:
-            meta = FrameMeta.from_headers(source.headers, source.key)
-            stage.name = "decode"
-            with self.moderator.assign(meta.record_id, shadows=self.shadow_topic is not None) as assignment:
-
-                def prepare():
-                    rgb = decode_image(source.value or b"", meta.encoding, meta.width or None, meta.height or None, self.limits)
-                    return self.moderator.prepare(image=rgb, assignment=assignment)
-
-                items = await self._in_thread(prepare)
-                stage.name = "inference"
-                started = time.perf_counter()
-                results = await self.moderator.judge(items, assignment)
-                fields = {"kind": "frame", "stream_id": meta.stream_id, "frame_index": meta.frame_index, "pts": finite(meta.pts)}
-                return self._outputs(source, meta.record_id, fields, results, started, assignment)
-
-        return await self._guarded(source, judge)
+        """One frame's outputs (a batch of one). Never raises: every failure becomes a dead letter."""
+        return (await self.handle_frames([source]))[0]
 
     async def handle_post(self, source: SourceRecord) -> list[Output]:
-        """Never raises: every failure becomes a dead letter."""
+        """One post's outputs (a batch of one). Never raises: every failure becomes a dead letter."""
+        return (await self.handle_posts([source]))[0]
 
-        async def judge(stage: _Stage) -> list[Output]:
-            post = parse_post(source.value)
-            stage.name = "decode"
-            with self.moderator.assign(post["id"], shadows=self.shadow_topic is not None) as assignment:
-                results, started = await self._judge_post(post, stage, assignment)
-                fields = {"kind": "post", "user_id": post["user_id"], "created_at": post["created_at"]}
-                return self._outputs(source, post["id"], fields, results, started, assignment)
+    async def handle_frames(self, sources: list[SourceRecord]) -> list[list[Output]]:
+        """The outputs of each frame, in order. Never raises: every failure becomes a dead letter."""
+        return await self._handle([self._open(_Record(s), self._read_frame) for s in sources])
 
-        return await self._guarded(source, judge)
+    async def handle_posts(self, sources: list[SourceRecord]) -> list[list[Output]]:
+        """The outputs of each post, in order. Never raises: every failure becomes a dead letter."""
+        return await self._handle([self._open(_Record(s), self._read_post) for s in sources])
 
-    async def _judge_post(self, post: dict[str, Any], stage: _Stage, assignment: Assignment) -> tuple[dict[str, Any], float]:
-        def prepare():
-            image = post.get("image")
-            rgb = decode_image(image["data"], image["encoding"], limits=self.limits) if image else None
-            return self.moderator.prepare(text=post["text"] or None, image=rgb, assignment=assignment)
+    def _read_frame(self, record: _Record) -> str:
+        meta = FrameMeta.from_headers(record.source.headers, record.source.key)
+        record.fields = {"kind": "frame", "stream_id": meta.stream_id, "frame_index": meta.frame_index, "pts": finite(meta.pts)}
+        record.image = (record.source.value or b"", meta.encoding, meta.width or None, meta.height or None)
+        return meta.record_id
 
-        items = await self._in_thread(prepare)
-        stage.name = "inference"
-        started = time.perf_counter()
-        return await self.moderator.judge(items, assignment), started
+    @staticmethod
+    def _read_post(record: _Record) -> str:
+        post = parse_post(record.source.value)
+        record.fields = {"kind": "post", "user_id": post["user_id"], "created_at": post["created_at"]}
+        record.text = post["text"] or None
+        image = post.get("image")
+        record.image = (image["data"], image["encoding"], None, None) if image else None
+        return post["id"]
+
+    def _open(self, record: _Record, read: Callable[[_Record], str]) -> _Record:
+        """Validate and assign model versions (on the event loop: assignment takes leases)."""
+        try:
+            record.record_id = read(record)
+            record.stage = "decode"
+            record.assignment = self.moderator.assign(record.record_id, shadows=self.shadow_topic is not None)
+        except Exception as exc:
+            record.fail(exc)
+        return record
+
+    async def _handle(self, records: list[_Record]) -> list[list[Output]]:
+        try:
+            await self._prepare(records)
+            started = time.perf_counter()
+            await self._judge(records)
+            return [self._finish(r, started) for r in records]
+        except Exception as exc:  # a bug in the batch machinery: dead-letter what is unfinished, lose nothing
+            log.exception("batch of %d records failed: %s", len(records), exc)
+            for r in records:
+                if r.failure is None:
+                    r.fail(exc)
+            return [self._finish(r, time.perf_counter()) for r in records]
+        finally:
+            for r in records:
+                if r.assignment is not None:
+                    r.assignment.release()
+
+    async def _prepare(self, records: list[_Record]) -> None:
+        """Decode images and preprocess for every model, in the decode threads: one hand-off per chunk
+        (as many chunks as decode threads when there are images to decode, else one)."""
+        live = [r for r in records if r.failure is None]
+        if not live:
+            return
+        with_images = sum(1 for r in live if r.image is not None)
+        chunks = max(1, min(self.decode_threads, with_images))
+        size = -(-len(live) // chunks)
+        await asyncio.gather(*(self._in_thread(self._prepare_chunk, live[i : i + size]) for i in range(0, len(live), size)))
+
+    def _prepare_chunk(self, records: list[_Record]) -> None:
+        parts, ready = [], []
+        for r in records:
+            try:
+                rgb = decode_image(*r.image, self.limits) if r.image is not None else None
+            except Exception as exc:
+                r.fail(exc)
+                continue
+            parts.append((r.text, rgb))
+            ready.append(r)
+        for r, items in zip(ready, self.moderator.prepare_many(parts, [r.assignment for r in ready]), strict=True):
+            if isinstance(items, Exception):
+                r.fail(items)
+            else:
+                r.items = items
+                r.stage = "inference"
+
+    async def _judge(self, records: list[_Record]) -> None:
+        live = [r for r in records if r.failure is None]
+        if not live:
+            return
+        outcomes = await self.moderator.judge_many([r.items for r in live], [r.assignment for r in live])
+        for r, results in zip(live, outcomes, strict=True):
+            if isinstance(results, Exception):
+                r.fail(results)
+            else:
+                r.results = results
+            r.items = None  # tensors are not needed any more: free them before the verdicts are built
+
+    def _finish(self, record: _Record, started: float) -> list[Output]:
+        if record.failure is None:
+            try:
+                return self._outputs(record.source, record.record_id, record.fields, record.results, started, record.assignment)
+            except Exception as exc:
+                record.stage = "verdict"
+                record.fail(exc)
+        return [self._dead_letter(record.source, *record.failure)]
 
     async def moderate_post(self, value: bytes) -> dict[str, Any]:
         """A post judged synchronously (REST `POST /moderate`): the verdict's fields, produced nowhere.
         Raises BadInput (invalid post) or ModelFailed, like the live path would dead-letter them."""
         post = parse_post(value)
         with self.moderator.assign(post["id"], shadows=False) as assignment:
-            results, started = await self._judge_post(post, _Stage(), assignment)
+            def prepare():
+                image = post.get("image")
+                rgb = decode_image(image["data"], image["encoding"], limits=self.limits) if image else None
+                return self.moderator.prepare(text=post["text"] or None, image=rgb, assignment=assignment)
+
+            items = await self._in_thread(prepare)
+            started = time.perf_counter()
+            results = await self.moderator.judge(items, assignment)
             judgement = self.moderator.judgement(results, assignment)
             return {"schema": VERDICT_SCHEMA, "id": post["id"], "kind": "post", "user_id": post["user_id"],
                     "created_at": post["created_at"], **judgement, "models": self._models(results, assignment),
                     "latency_ms": {"inference": round((time.perf_counter() - started) * 1000, 3)}}
-
-    async def _guarded(self, source: SourceRecord, judge: Callable[[_Stage], Awaitable[list[Output]]]) -> list[Output]:
-        stage = _Stage()
-        try:
-            return await judge(stage)
-        except BadInput as exc:
-            return [self._dead_letter(source, exc.reason, exc.detail, stage.name)]
-        except ModelFailed as exc:
-            return [self._dead_letter(source, "inference_failed", str(exc), stage.name)]
-        except Exception as exc:  # a bug, not bad input: still never lose the record
-            log.exception("record failed in %s: %s", stage.name, exc, extra=record_fields(source, stage=stage.name))
-            return [self._dead_letter(source, "internal_error", f"{type(exc).__name__}: {exc}", stage.name)]
 
     @staticmethod
     def _models(results: dict[str, Any], assignment: Assignment) -> dict[str, dict[str, str]]:

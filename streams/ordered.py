@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -47,16 +47,23 @@ Send = Callable[[Output], Awaitable[Awaitable[Any]]]  # returns once buffered; t
 
 
 class OrderedAcker:
+    """Events are added in consume order, singly (`add`) or as a batch sharing one computation of
+    their outputs (`add_batch`); both kinds are delivered and acked in that order."""
+
     def __init__(self, send: Send, max_in_flight: int = 256, max_flush: int = 1000, name: str = "agent") -> None:
         """`name` is the source topic: the label of this acker's metrics."""
         self._send = send
-        self._pending: deque[tuple[Any, asyncio.Future[list[Output]]]] = deque()
-        self._slots = asyncio.Semaphore(max_in_flight)
+        # (events, awaitable of one list of outputs per event), oldest first
+        self._pending: deque[tuple[list[Any], asyncio.Future[list[list[Output]]]]] = deque()
+        self._max_in_flight = max_in_flight
+        self._space = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._max_flush = max_flush
         self.name = name
         self.delivered = 0
         self._unacked = 0  # added but not yet acked: pending, or popped and being delivered
+        self._consumed = metrics.RECORDS_CONSUMED.labels(name)
+        self._in_flight_gauge = metrics.IN_FLIGHT.labels(name)
 
     @property
     def in_flight(self) -> int:
@@ -66,12 +73,20 @@ class OrderedAcker:
     async def add(self, event: Any, outputs: Awaitable[list[Output]]) -> None:
         """Register `event` (anything with `.ack()`) and the awaitable of its outputs, in consume order.
         Waits while `max_in_flight` events are pending: back-pressure on consumption."""
-        await self._slots.acquire()
-        self._pending.append((event, asyncio.ensure_future(outputs)))
-        self._unacked += 1
+        await self.add_batch([event], _one(outputs))
+
+    async def add_batch(self, events: list[Any], outputs: Awaitable[list[list[Output]]]) -> None:
+        """Register consecutive `events` and the awaitable of their outputs (one list per event, in
+        order). Waits while adding them would pass `max_in_flight` (a batch larger than the limit is
+        admitted alone)."""
+        while self._unacked and self._unacked + len(events) > self._max_in_flight:
+            self._space.clear()
+            await self._space.wait()
+        self._pending.append((events, asyncio.ensure_future(outputs)))
+        self._unacked += len(events)
         self._wakeup.set()
-        metrics.RECORDS_CONSUMED.labels(self.name).inc()
-        metrics.IN_FLIGHT.labels(self.name).set(self._unacked)
+        self._consumed.inc(len(events))
+        self._in_flight_gauge.set(self._unacked)
 
     async def run(self) -> None:
         """Deliver and ack forever. A delivery failure ends the process: acking would lose records,
@@ -92,19 +107,26 @@ class OrderedAcker:
             await self._wakeup.wait()
         await asyncio.wait([self._pending[0][1]])  # the oldest decides; later ones may already be done
         ready = [self._pending.popleft()]
-        while self._pending and self._pending[0][1].done() and len(ready) < self._max_flush:
+        records = len(ready[0][0])
+        while self._pending and self._pending[0][1].done() and records < self._max_flush:
             ready.append(self._pending.popleft())
-        outputs = [output for _, outs in ready for output in outs.result()]
+            records += len(ready[-1][0])
+        outputs = []
+        for events, computed in ready:
+            per_event = computed.result()
+            if len(per_event) != len(events):
+                raise RuntimeError(f"{self.name}: {len(per_event)} output lists for {len(events)} events")
+            outputs.extend(output for outs in per_event for output in outs)
         await self._deliver(outputs)
-        topics = [output.topic for output in outputs]
-        for event, _ in ready:
-            event.ack()
-            self._slots.release()
-        self._unacked -= len(ready)
-        self.delivered += len(ready)
-        for topic in topics:
-            metrics.RECORDS_PRODUCED.labels(topic).inc()
-        metrics.IN_FLIGHT.labels(self.name).set(self._unacked)
+        for events, _ in ready:
+            for event in events:
+                event.ack()
+        self._unacked -= records
+        self.delivered += records
+        self._space.set()
+        for topic, count in Counter(output.topic for output in outputs).items():
+            metrics.RECORDS_PRODUCED.labels(topic).inc(count)
+        self._in_flight_gauge.set(self._unacked)
 
     async def _deliver(self, outputs: list[Output]) -> None:
         """Send all, await every acknowledgement; re-send the ones that failed with a retriable error
@@ -127,3 +149,7 @@ class OrderedAcker:
         deadline = loop.time() + timeout_s
         while self._unacked and loop.time() < deadline:
             await asyncio.sleep(0.01)
+
+
+async def _one(outputs: Awaitable[list[Output]]) -> list[list[Output]]:
+    return [await outputs]

@@ -242,6 +242,11 @@ class RecommendationPipeline:
         self.dead_letters_topic = settings.topic(DEAD_LETTERS)
         self.trigger_kinds = {k.strip() for k in settings.rec_on_kinds.split(",") if k.strip()}
 
+    async def handle_batch(self, sources: list[SourceRecord]) -> list[list[Output]]:
+        """`handle` of each record, concurrently (an event may wait for its debounced list), started in
+        consume order."""
+        return list(await asyncio.gather(*(self.handle(source) for source in sources)))
+
     async def handle(self, source: SourceRecord) -> list[Output]:
         """Never raises: bad records become dead letters."""
         try:
