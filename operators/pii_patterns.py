@@ -6,7 +6,7 @@ the format's own rule, so a number that only looks like PII is dropped:
 | type             | found by                                                   | validated by                              |
 |------------------|------------------------------------------------------------|-------------------------------------------|
 | `EMAIL`          | address regex; "name at host dot com" spelled out           | TLD letters, no empty or dotted-edge parts |
-| `PHONE`          | `phonenumbers.PhoneNumberMatcher` per configured region     | libphonenumber's VALID leniency            |
+| `PHONE`          | `phonenumbers.PhoneNumberMatcher` per configured region     | libphonenumber validity (or a phone word)  |
 | `CARD`           | 13-19 digits, spaced or dashed consistently                 | Luhn + known IIN range and length          |
 | `IBAN`           | two letters, two check digits, country-length body          | per-country length + ISO 7064 mod-97       |
 | `NATIONAL_ID`    | US SSN, UK NI number, Spanish DNI/NIE, French NIR; any ID    | SSN invalid ranges, NI prefix rules, check |
@@ -182,7 +182,7 @@ _NI_BAD_PREFIXES = {"BG", "GB", "KN", "NK", "NT", "TN", "ZZ"}
 # -------------------------------------------------------------------------------------------- regexes
 _EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9](?:[A-Za-z0-9._%+-]{0,62}[A-Za-z0-9_%+-])?"
                     r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}(?![\w-])")
-_TLDS = r"(?:com|net|org|edu|gov|io|co|de|fr|es|uk|it|nl|me|info)"
+_TLDS = r"(?:com|net|org|edu|gov|io|co|de|fr|es|uk|it|nl|me|info|dev|app|ai|ca|au|eu|ch|at|be|biz|us|tv|xyz)"
 _EMAIL_SPELLED = re.compile(
     r"(?<![\w.])([A-Za-z0-9][A-Za-z0-9._+-]*(?:\s+dot\s+[A-Za-z0-9_+-]+)*)\s*(?:\[\s*at\s*\]|\(\s*at\s*\)|\s at \s|\{at\})\s*"
     r"([A-Za-z0-9-]+(?:\s*(?:\[\s*dot\s*\]|\(\s*dot\s*\)|\s dot \s|\.)\s*[A-Za-z0-9-]+)*?)"
@@ -201,7 +201,7 @@ _URL_CREDENTIALS = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]{1,15}://[^\s:/@]+:[^\s/
 _TRAILING = ".,;:!?)]}'\""
 # An ID-shaped token: letters and digits, at least two digits, optionally in groups joined by one space
 # or dash where every later group has a digit ("D123 4567", "533380006", "MORGA753116SM9IJ").
-_ID_TOKEN = re.compile(r"(?<![\w-])(?=[A-Za-z0-9]*\d)[A-Za-z0-9]{1,20}(?:[ -](?=[A-Za-z]*\d)[A-Za-z0-9]{1,12}){0,4}(?![\w])")
+_ID_TOKEN = re.compile(r"(?<![\w-])(?=[A-Za-z0-9]*\d)[A-Za-z0-9]{1,20}(?:[ -](?=[A-Za-z]*\d)[A-Za-z0-9]{1,12}){0,6}(?![\w])")
 _DATE_LIKE = re.compile(r"^(?:\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}|\d{1,2}|\d{4})$")
 
 # context words -> the type an ID-shaped token after them gets; longest phrases are tried first
@@ -225,9 +225,17 @@ _CONTEXT_RE = re.compile(
     + r")(?![\w])", re.IGNORECASE)
 _CONTEXT_TYPE = {w: t for t, ws in _CONTEXT.items() for w in ws}
 _UPPER_ONLY = {"dl", "dl#", "dl no", "nie", "nif", "dni", "cni", "bsn", "nino"}  # "nie" is German for never
-_PHONE_CONTEXT = re.compile(r"(?<![\w])(?:phone|call|text|txt|ring|mobile|cell|tel|whatsapp|number|num|reach|"
-                            r"contact|fax|telefon|handy|téléphone|portable|tél|teléfono|móvil|llama|llámame)(?![\w])",
+_PHONE_WORDS = re.compile(r"(?<![\w])(?:phone|call|called|text|txt|sms|ring|mobile|cell|tel|whatsapp|landline|hotline|"
+                          r"fax|telefon|telefonnummer|handy|handynummer|anrufen|ruf|téléphone|portable|tél|appelle|"
+                          r"appelez|contactez|joindre|teléfono|móvil|llama|llámame|llamar)(?![\w])", re.IGNORECASE)
+# weaker: also said of order, passport and model numbers
+_PHONE_CONTEXT = re.compile(_PHONE_WORDS.pattern.replace("(?:", "(?:number|num|nummer|numéro|número|reach|contact|message|", 1),
                             re.IGNORECASE)
+_NOT_PHONE_CONTEXT = re.compile(r"(?<![\w])(?:routing|account|acct|konto|kontonummer|order|bestellung|commande|pedido|"
+                                r"tracking|invoice|inv|rechnung|factura|ref|reference|case|ticket|meeting id|"
+                                r"passcode|serial|sku|isbn|iban|bic|sort code|blz|build|version|seed)(?![\w])",
+                                re.IGNORECASE)
+_TRUNK_ZERO = {"GB", "DE", "FR", "AT", "CH", "NL", "BE", "IT", "IE"}  # regions whose national numbers start with 0
 _IP_CONTEXT = re.compile(r"(?<![\w])(?:ip|ips|server|host|ssh|ping|vpn|router|address|addr|connect|login|logged)(?![\w])",
                          re.IGNORECASE)
 
@@ -253,20 +261,45 @@ def find_emails(text: str) -> list[PatternMatch]:
     return found
 
 
-def find_phones(text: str, regions: Sequence[str]) -> list[PatternMatch]:
-    """libphonenumber's matcher at VALID leniency, once per region; a span found for an earlier region
-    is kept. International (+CC) numbers are found whatever the region."""
+def _inside_token(text: str, start: int, end: int) -> bool:
+    """The span continues a longer word or code on either side ("WD-5800-2147", "A1234567B")."""
+    left = start > 0 and (text[start - 1].isalnum() or (text[start - 1] in "-/" and start > 1 and text[start - 2].isalnum()))
+    right = end < len(text) and (text[end].isalnum() or (text[end] in "-/" and end + 1 < len(text) and text[end + 1].isalnum()))
+    return left or right
+
+
+def find_phones(text: str, regions: Sequence[str], window: int = 48) -> list[PatternMatch]:
+    """libphonenumber's matcher once per region; a span found for an earlier region is kept.
+    International (+CC) numbers are found whatever the region. Validated: libphonenumber calls the
+    number valid; a merely possible one ("555.867.5309", unassigned ranges) counts, unvalidated, only
+    right after a phone word. A national number of another region than the first needs its trunk 0
+    ("07911 123456") or a phone word before it; a number right after an ID or order word ("Steuer-ID
+    12 345 678 903", "routing 026009593") is not a phone."""
+    if sum(ch.isdigit() for ch in text) < 7:  # the shortest numbers we look for; the matcher is slow
+        return []
     found: dict[tuple[int, int], PatternMatch] = {}
     for i, region in enumerate(regions):
-        for m in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.VALID):
+        for m in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.POSSIBLE):
             if (m.start, m.end) in found:
                 continue
+            if _inside_token(text, m.start, m.end):
+                continue  # digits of a longer token ("1Z999AA10123456784", "WD-5800-2147")
+            before = text[max(0, m.start - window) : m.start]
             international = m.raw_string.lstrip("(").startswith(("+", "00"))
-            # national numbers of a non-default region need a phone word nearby: they are less likely
-            score = 0.95 if international or i == 0 else 0.9
-            if not international and i > 0 and not _PHONE_CONTEXT.search(text[max(0, m.start - 40) : m.start]):
+            phone_word = _PHONE_CONTEXT.search(before)
+            strong = [w.end() for w in _PHONE_WORDS.finditer(before)]
+            if not international and i > 0 and not phone_word \
+                    and not (region in _TRUNK_ZERO and m.raw_string.lstrip("(").startswith("0")):
                 continue
-            found[(m.start, m.end)] = PatternMatch("PHONE", m.raw_string, m.start, m.end, score, True, f"phone_{region}")
+            other = [w.end() for w in _CONTEXT_RE.finditer(before)] + [w.end() for w in _NOT_PHONE_CONTEXT.finditer(before)]
+            if other and (not strong or max(other) > max(strong)):
+                continue  # "Steuer-ID 12 345 678 903", "routing 026009593": that ID, not a phone
+            near_phone_word = bool(strong) and max(strong) >= len(before) - 24
+            valid = phonenumbers.is_valid_number(m.number)
+            if not valid and not (near_phone_word and (international or i == 0)):
+                continue  # a number libphonenumber cannot place counts only right after a phone word
+            score = (0.95 if international or i == 0 else 0.9) if valid else 0.7
+            found[(m.start, m.end)] = PatternMatch("PHONE", m.raw_string, m.start, m.end, score, valid, f"phone_{region}")
     return list(found.values())
 
 
@@ -405,7 +438,7 @@ def find_pii(text: str, config: PatternConfig | None = None) -> list[PatternMatc
     if "EMAIL" in want:
         hits += find_emails(text)
     if "PHONE" in want:
-        hits += find_phones(text, config.regions)
+        hits += find_phones(text, config.regions, config.context_window)
     if "CARD" in want:
         hits += find_cards(text)
     if "IBAN" in want:

@@ -277,3 +277,22 @@ def test_redact_replaces_spans_by_their_type_and_keeps_the_rest():
 
 def test_redact_joins_overlapping_spans():
     assert redact("abcdefgh", [{"type": "A", "start": 1, "end": 4}, {"type": "B", "start": 3, "end": 6}]) == "a[A]gh"
+
+
+# ------------------------------------------------------------------------------- phone context rules
+def test_a_national_number_of_another_region_is_found_by_its_trunk_zero_or_a_phone_word():
+    assert spans("the office 020 7946 0123 is closed", ALL_REGIONS) == [("PHONE", "020 7946 0123")]
+    assert spans("llámame al 612 34 56 78", ALL_REGIONS) == [("PHONE", "612 34 56 78")]
+    assert spans("we sold 612 34 56 78 units", ALL_REGIONS) == []
+
+
+def test_a_number_after_an_id_or_order_word_is_not_a_phone():
+    assert "PHONE" not in [t for t, _ in spans("Steuer-ID 12 345 678 903 im Brief", ALL_REGIONS)]
+    assert spans("routing 026009593 for the wire", ALL_REGIONS) == []
+
+
+def test_a_number_libphonenumber_cannot_place_counts_only_right_after_a_phone_word():
+    assert not phonenumbers.is_valid_number(phonenumbers.parse("555.867.5309", "US"))
+    (m,) = find_pii("text 555.867.5309 this weekend")
+    assert (m.type, m.text, m.validated) == ("PHONE", "555.867.5309", False)
+    assert spans("model 555.867.5309 in stock") == []
