@@ -9,7 +9,7 @@ comma   := ,
 STAMP   := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 PYTEST_ARGS ?=
 
-.PHONY: install models run test bench lint clean
+.PHONY: install models run test bench eval lint clean
 
 install: $(STAMP)
 
@@ -34,6 +34,11 @@ bench: models
 	$(BIN)/python bench/frames_throughput.py
 	$(BIN)/python bench/models_throughput.py
 	$(BIN)/python bench/events_throughput.py
+
+# PII evaluation: our NER model + recognizers vs Presidio on tests/data/pii_eval.jsonl -> bench/results/pii_eval.json
+eval: models
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[$(RUNTIME),eval]"
+	$(BIN)/python bench/pii_eval.py
 
 lint: install
 	$(BIN)/ruff check streams operators models tests bench

