@@ -222,9 +222,10 @@ class ServingAPI:
             elif action == "split":
                 await registry.set_split(name, request["split"] if set(request) == {"split"} else request)
             elif action == "shadow":
-                version = request.get("version")
-                await registry.set_shadow(name, None if version is None else str(version),
-                                          float(request.get("sample_rate", 1.0)))
+                version, rate = request.get("version"), float(request.get("sample_rate", 1.0))
+                if not 0 <= rate <= 1:  # checked here too: unshadowing (no version) ignores the rate
+                    raise ApiError(400, "invalid_change", f"sample_rate must be in [0, 1], not {rate}")
+                await registry.set_shadow(name, None if version is None else str(version), rate)
             elif action == "reload":
                 await registry.reload(name)
             else:

@@ -7,6 +7,9 @@
 - The serving API (`install_api`, documented in streams/openapi.json, served at GET /openapi.json):
   GET /models, POST /predict/{model}, POST /moderate, and the admin routes POST
   /admin/models/{name}/{load,promote,rollback,split,shadow,reload} and POST /admin/reload.
+  Every error is `{"error", "detail"}` with a 4xx for the client's mistakes (aiohttp's own 404, 405
+  and 413 included), 5xx only for the server's side; bodies are limited to max_message_bytes,
+  `X-Request-Timeout-Ms` sets a call's deadline, and streams/admission.py limits the calls in flight.
 
 Why on the worker's own web server rather than a separate REST service: the worker already holds the
 loaded model versions, their batchers and their routes, so a synchronous prediction is batched with
@@ -134,6 +137,9 @@ async def _json_errors(request: aiohttp_web.Request, handler) -> aiohttp_web.Str
         if exc.status < 400:
             raise
         error = _http_error(exc)
+        if exc.status in (404, 405):
+            error.detail = f"no route {request.method} {request.path}" + (
+                f" (allowed: {error.headers['Allow']})" if "Allow" in error.headers else "")
         response = aiohttp_web.json_response(error.body(), status=error.status, headers=error.headers)
     metrics.API_RESPONSES.labels("rest", str(response.status)).inc()
     return response

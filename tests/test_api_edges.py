@@ -384,3 +384,12 @@ def test_sync_timeout_s_caps_every_call(api_settings):
             gate.open()
 
     assert serve(settings, requests) == [504, 504]
+
+
+def test_a_shadow_sample_rate_outside_0_1_is_400_even_when_unshadowing(api_settings):
+    async def requests(client, registry, stub):
+        return [await answer(await client.post("/admin/models/tiny/shadow", json=body, headers=ADMIN))
+                for body in ({"sample_rate": -1}, {"version": "1", "sample_rate": 1.5})]
+
+    for status, body in serve(api_settings, requests):
+        assert status == 400 and "sample_rate" in body["detail"]
