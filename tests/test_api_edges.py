@@ -393,3 +393,13 @@ def test_a_shadow_sample_rate_outside_0_1_is_400_even_when_unshadowing(api_setti
 
     for status, body in serve(api_settings, requests):
         assert status == 400 and "sample_rate" in body["detail"]
+
+
+def test_a_workers_grpc_server_takes_the_limits_of_its_rest_api(api_settings):
+    """The worker builds GrpcServer(registry, host, port) after the REST API: same admission, same sizes."""
+    settings = api_settings.replace(sync_max_in_flight=5, max_message_bytes=123_456)
+    app, registry = build(settings)
+    server = GrpcServer(registry, "127.0.0.1", 0)
+    assert server.admission is Admission.shared(registry) and server.admission.max_in_flight == 5
+    assert server.max_message_bytes == 123_456
+    asyncio.run(registry.close())
