@@ -104,7 +104,7 @@ def test_a_card_is_found_exactly_when_luhn_and_a_network_prefix_hold():
         grouped = f"{number[:4]} {number[4:10]} {number[10:]}" if prefix == "37" else \
             " ".join(number[i : i + 4] for i in range(0, 16, 4))
         text = f"pay with {grouped} pls"
-        assert (("CARD" in [t for t, _ in spans(text)])) == luhn_oracle(number), number
+        assert ("CARD" in [t for t, _ in spans(text)]) == luhn_oracle(number), number
 
 
 @pytest.mark.parametrize("text", ["1234 5678 9012 3456", "order 4111 1111 1111 1112", "9999 9999 9999 9995"])
