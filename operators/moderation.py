@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,6 +133,12 @@ class Moderator:
                 shadow_of[check] = shadow
         held = self.registry.lease([*stages.values(), *shadow_of.values()]) if lease else None
         return Assignment(key, stages, arms, shadow_of, held)
+
+    def lease(self, assignments: Iterable[Assignment]) -> Lease:
+        """One lease on every stage (primary and shadow) of `assignments`: e.g. for a batch of records
+        assigned with `lease=False`."""
+        return self.registry.lease({id(s): s for a in assignments
+                                    for s in (*a.stages.values(), *a.shadows.values())}.values())
 
     def models_for(self, kind: str) -> list[str]:
         serving = self.assign(None, lease=False)

@@ -25,6 +25,7 @@ def producer(settings: Settings, **overrides) -> AIOKafkaProducer:
         acks="all",
         max_request_size=settings.max_message_bytes + _REQUEST_HEADROOM,
         linger_ms=5,
+        max_batch_size=settings.producer_batch_bytes,
         **settings.kafka_client_options(),
         **overrides,
     )

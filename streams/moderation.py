@@ -109,6 +109,7 @@ class ModerationPipeline:
         self.dead_letters_topic = dead_letters_topic or settings.topic(DEAD_LETTERS)
         self.versioned_keys = versioned_keys
         self.extra = extra or {}
+        self._metric_children: dict[tuple[str, bool, str], tuple[Any, Any]] = {}
 
     async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -150,27 +151,27 @@ class ModerationPipeline:
         try:
             record.record_id = read(record)
             record.stage = "decode"
-            record.assignment = self.moderator.assign(record.record_id, shadows=self.shadow_topic is not None)
+            record.assignment = self.moderator.assign(record.record_id, lease=False, shadows=self.shadow_topic is not None)
         except Exception as exc:
             record.fail(exc)
         return record
 
     async def _handle(self, records: list[_Record]) -> list[list[Output]]:
+        # one lease for the batch on every version its records were assigned: none retires under them
+        lease = self.moderator.lease(r.assignment for r in records if r.assignment is not None)
         try:
             await self._prepare(records)
             started = time.perf_counter()
             await self._judge(records)
-            return [self._finish(r, started) for r in records]
+            return self._finish(records, started)
         except Exception as exc:  # a bug in the batch machinery: dead-letter what is unfinished, lose nothing
             log.exception("batch of %d records failed: %s", len(records), exc)
             for r in records:
                 if r.failure is None:
                     r.fail(exc)
-            return [self._finish(r, time.perf_counter()) for r in records]
+            return self._finish(records, time.perf_counter())
         finally:
-            for r in records:
-                if r.assignment is not None:
-                    r.assignment.release()
+            lease.release()
 
     async def _prepare(self, records: list[_Record]) -> None:
         """Decode images and preprocess for every model, in the decode threads: one hand-off per chunk
@@ -212,14 +213,20 @@ class ModerationPipeline:
                 r.results = results
             r.items = None  # tensors are not needed any more: free them before the verdicts are built
 
-    def _finish(self, record: _Record, started: float) -> list[Output]:
-        if record.failure is None:
-            try:
-                return self._outputs(record.source, record.record_id, record.fields, record.results, started, record.assignment)
-            except Exception as exc:
-                record.stage = "verdict"
-                record.fail(exc)
-        return [self._dead_letter(record.source, *record.failure)]
+    def _finish(self, records: list[_Record], started: float) -> list[list[Output]]:
+        """Each record's verdict (and shadow verdict), or its dead letter."""
+        produced = now_ms()
+        out = []
+        for r in records:
+            if r.failure is None:
+                try:
+                    out.append(self._outputs(r, started, produced))
+                    continue
+                except Exception as exc:
+                    r.stage = "verdict"
+                    r.fail(exc)
+            out.append([self._dead_letter(r.source, *r.failure)])
+        return out
 
     async def moderate_post(self, value: bytes) -> dict[str, Any]:
         """A post judged synchronously (REST `POST /moderate`): the verdict's fields, produced nowhere.
@@ -235,57 +242,69 @@ class ModerationPipeline:
             started = time.perf_counter()
             results = await self.moderator.judge(items, assignment)
             judgement = self.moderator.judgement(results, assignment)
-            return {"schema": VERDICT_SCHEMA, "id": post["id"], "kind": "post", "user_id": post["user_id"],
-                    "created_at": post["created_at"], **judgement, "models": self._models(results, assignment),
-                    "latency_ms": {"inference": round((time.perf_counter() - started) * 1000, 3)}}
+            verdict = {"schema": VERDICT_SCHEMA, "id": post["id"], "kind": "post", "user_id": post["user_id"],
+                       "created_at": post["created_at"], **judgement, "models": self._models(results, assignment),
+                       "latency_ms": {"inference": round((time.perf_counter() - started) * 1000, 3)}}
+            redacted = self.moderator.policy.redacted(post["text"] or None, judgement["entities"])
+            if redacted is not None:
+                verdict["redacted_text"] = redacted
+            return verdict
 
     @staticmethod
     def _models(results: dict[str, Any], assignment: Assignment) -> dict[str, dict[str, str]]:
         """check -> {name, version, provider, arm} for the checks that ran on this record."""
         return {check: info for check, info in assignment.models().items() if assignment.stages[check].ref in results}
 
-    def _outputs(self, source: SourceRecord, record_id: str, fields: dict[str, Any], results: dict[str, Any],
-                 started: float, assignment: Assignment) -> list[Output]:
+    def _outputs(self, record: _Record, started: float, produced: int) -> list[Output]:
         """The verdict, and the shadow verdict when this record ran a shadow version that succeeded."""
-        outputs = [self._verdict(source, record_id, fields, results, started, assignment)]
+        assignment, results = record.assignment, record.results
+        outputs = [self._verdict(record, started, produced, assignment)]
         if assignment.shadows and self.shadow_topic:
-            shadowed = assignment.shadowed()
             if all(s.ref in results for s in assignment.shadows.values()):
-                outputs.append(self._verdict(source, record_id, fields, results, started, shadowed,
-                                             shadow_of=assignment))
+                outputs.append(self._verdict(record, started, produced, assignment.shadowed(), shadow_of=assignment))
         return outputs
 
-    def _verdict(self, source: SourceRecord, record_id: str, fields: dict[str, Any], results: dict[str, Any],
-                 started: float, assignment: Assignment, shadow_of: Assignment | None = None) -> Output:
-        inference_ms = (time.perf_counter() - started) * 1000
-        produced = now_ms()
+    def _verdict(self, record: _Record, started: float, produced: int, assignment: Assignment,
+                 shadow_of: Assignment | None = None) -> Output:
+        source, results, record_id = record.source, record.results, record.record_id
         judgement = self.moderator.judgement(results, assignment)
         verdict = {
             "schema": VERDICT_SCHEMA,
             "id": record_id,
-            **fields,
+            **record.fields,
             **judgement,
             "models": self._models(results, assignment),
             "latency_ms": {
                 "end_to_end": (produced - source.timestamp_ms) if source.timestamp_ms else None,
-                "inference": round(inference_ms, 3),
+                "inference": round((time.perf_counter() - started) * 1000, 3),
             },
             "source": source.coordinates(),
             "worker": WORKER_ID,
             "produced_at_ms": produced,
             **self.extra,
         }
+        redacted = self.moderator.policy.redacted(record.text, judgement["entities"])
+        if redacted is not None:
+            verdict["redacted_text"] = redacted
         if shadow_of is not None:  # a shadow verdict: recorded, never acted on, never on the verdicts topic
             live = self.moderator.judgement(results, shadow_of)
             verdict["shadow"] = {"checks": sorted(shadow_of.shadows), "live_safe": live["safe"],
                                  "live_models": self._models(results, shadow_of)}
             return Output(self.shadow_topic, record_id.encode(), dumps(verdict))
-        metrics.VERDICTS.labels(fields["kind"], str(judgement["safe"]).lower()).inc()
+        self._count(record.fields["kind"], judgement, source, produced)
+        return Output(self.verdicts_topic, (record_id + self._key_suffix(assignment)).encode(), dumps(verdict))
+
+    def _count(self, kind: str, judgement: dict[str, Any], source: SourceRecord, produced: int) -> None:
+        key = (kind, judgement["safe"], source.topic)
+        children = self._metric_children.get(key)
+        if children is None:  # bound once per (kind, safe, topic): labels() costs more than inc()
+            children = self._metric_children[key] = (metrics.VERDICTS.labels(kind, str(judgement["safe"]).lower()),
+                                                      metrics.END_TO_END.labels(source.topic))
+        children[0].inc()
         for violation in judgement["violations"]:
             metrics.VIOLATIONS.labels(violation["check"]).inc()
         if source.timestamp_ms:
-            metrics.END_TO_END.labels(source.topic).observe(max(0, produced - source.timestamp_ms) / 1000)
-        return Output(self.verdicts_topic, (record_id + self._key_suffix(assignment)).encode(), dumps(verdict))
+            children[1].observe(max(0, produced - source.timestamp_ms) / 1000)
 
     def _key_suffix(self, assignment: Assignment) -> str:
         """`|name@version,...` of every check's model for this record (replays: keys name the versions)."""

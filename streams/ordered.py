@@ -8,6 +8,9 @@ its outputs. `OrderedAcker` then, strictly in consume order:
     wait for the oldest event's outputs -> send them (and any later ones already done) ->
     await the broker's acks -> ack those events
 
+(sending and awaiting acks are two loops, so later outputs are buffered while earlier ones are on
+the wire; both keep consume order)
+
 Acks are in order per partition, so Faust's committed offset never passes a record whose output (or
 dead letter) is not on the broker. Outputs are keyed by input id, so a redelivery after a crash
 rewrites the same keys (idempotent for compacted or keyed consumers).
@@ -58,6 +61,9 @@ class OrderedAcker:
         self._max_in_flight = max_in_flight
         self._space = asyncio.Event()
         self._wakeup = asyncio.Event()
+        # sent to the producer, awaiting the broker: (events, outputs, their deliveries), oldest first
+        self._sent: deque[tuple[list[Any], list[Output], list[Awaitable[Any]]]] = deque()
+        self._delivering = asyncio.Event()
         self._max_flush = max_flush
         self.name = name
         self.delivered = 0
@@ -90,49 +96,70 @@ class OrderedAcker:
 
     async def run(self) -> None:
         """Deliver and ack forever. A delivery failure ends the process: acking would lose records,
-        not acking would stall the partition, and a restart redelivers exactly what is un-acked."""
+        not acking would stall the partition, and a restart redelivers exactly what is un-acked.
+
+        Two loops: one hands finished outputs to the producer in consume order, the other awaits the
+        broker's acknowledgements in the same order and acks the events. Outputs of later records are
+        buffered while earlier ones are on the wire, so the producer's batches fill while a request is
+        in flight (aiokafka keeps one request in flight per broker)."""
+        loops = [asyncio.ensure_future(self._send_in_order()), asyncio.ensure_future(self._ack_in_order())]
         try:
-            while True:
-                await self._flush_ready()
+            done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
         except asyncio.CancelledError:
             raise
         except Exception:
             log.critical("%s: cannot deliver outputs; exiting so un-acked inputs are redelivered", self.name, exc_info=True)
             logging.shutdown()
             os._exit(EXIT_DELIVERY_FAILED)
+        finally:
+            for task in loops:
+                task.cancel()
 
-    async def _flush_ready(self) -> None:
-        while not self._pending:
-            self._wakeup.clear()
-            await self._wakeup.wait()
-        await asyncio.wait([self._pending[0][1]])  # the oldest decides; later ones may already be done
-        ready = [self._pending.popleft()]
-        records = len(ready[0][0])
-        while self._pending and self._pending[0][1].done() and records < self._max_flush:
-            ready.append(self._pending.popleft())
-            records += len(ready[-1][0])
-        outputs = []
-        for events, computed in ready:
-            per_event = computed.result()
-            if len(per_event) != len(events):
-                raise RuntimeError(f"{self.name}: {len(per_event)} output lists for {len(events)} events")
-            outputs.extend(output for outs in per_event for output in outs)
-        await self._deliver(outputs)
-        for events, _ in ready:
+    async def _send_in_order(self) -> None:
+        while True:
+            while not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            await asyncio.wait([self._pending[0][1]])  # the oldest decides; later ones may already be done
+            ready = [self._pending.popleft()]
+            records = len(ready[0][0])
+            while self._pending and self._pending[0][1].done() and records < self._max_flush:
+                ready.append(self._pending.popleft())
+                records += len(ready[-1][0])
+            outputs = []
+            for events, computed in ready:
+                per_event = computed.result()
+                if len(per_event) != len(events):
+                    raise RuntimeError(f"{self.name}: {len(per_event)} output lists for {len(events)} events")
+                outputs.extend(output for outs in per_event for output in outs)
+            deliveries = [await self._send(o) for o in outputs]
+            self._sent.append(([event for events, _ in ready for event in events], outputs, deliveries))
+            self._delivering.set()
+
+    async def _ack_in_order(self) -> None:
+        while True:
+            while not self._sent:
+                self._delivering.clear()
+                await self._delivering.wait()
+            events, outputs, deliveries = self._sent[0]
+            await self._confirm(outputs, deliveries)
+            self._sent.popleft()
             for event in events:
                 event.ack()
-        self._unacked -= records
-        self.delivered += records
-        self._space.set()
-        for topic, count in Counter(output.topic for output in outputs).items():
-            metrics.RECORDS_PRODUCED.labels(topic).inc(count)
-        self._in_flight_gauge.set(self._unacked)
+            self._unacked -= len(events)
+            self.delivered += len(events)
+            self._space.set()
+            for topic, count in Counter(output.topic for output in outputs).items():
+                metrics.RECORDS_PRODUCED.labels(topic).inc(count)
+            self._in_flight_gauge.set(self._unacked)
 
-    async def _deliver(self, outputs: list[Output]) -> None:
-        """Send all, await every acknowledgement; re-send the ones that failed with a retriable error
-        (e.g. NotLeaderForPartition right after a topic is created). Anything else raises."""
+    async def _confirm(self, outputs: list[Output], deliveries: list[Awaitable[Any]]) -> None:
+        """Await every acknowledgement; re-send the outputs that failed with a retriable error (e.g.
+        NotLeaderForPartition right after a topic is created). Anything else raises."""
         for attempt in range(DELIVERY_ATTEMPTS):
-            results = await asyncio.gather(*[await self._send(o) for o in outputs], return_exceptions=True)
+            results = await asyncio.gather(*deliveries, return_exceptions=True)
             failed = [(o, r) for o, r in zip(outputs, results, strict=True) if isinstance(r, BaseException)]
             if not failed:
                 return
@@ -142,6 +169,7 @@ class OrderedAcker:
             log.warning("%s: %d deliveries failed (%s); retrying", self.name, len(failed), failed[0][1])
             outputs = [o for o, _ in failed]
             await asyncio.sleep(0.2 * (attempt + 1))
+            deliveries = [await self._send(o) for o in outputs]
 
     async def drain(self, timeout_s: float) -> None:
         """Wait (bounded) until everything added so far is delivered and acked; for graceful stops."""

@@ -59,7 +59,7 @@ def _out(key: str) -> Output:
     return Output("t-verdicts", key.encode(), b"{}")
 
 
-async def _settle(n: int = 5) -> None:
+async def _settle(n: int = 20) -> None:
     for _ in range(n):
         await asyncio.sleep(0)
 
