@@ -12,6 +12,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from operators.images import SourceImage, pixels_of
+
 
 @dataclass(frozen=True)
 class ImagePreprocess:
@@ -117,8 +119,15 @@ class ImageClassifier:
         self.apply_softmax = bool(model.config.postprocess.get("softmax", True))
         self.input_name = model.session.inputs[0].name
 
-    def preprocess(self, rgb: np.ndarray) -> np.ndarray:
-        return preprocess_image(rgb, self.pre)
+    def preprocess(self, image: np.ndarray | SourceImage) -> np.ndarray:
+        return preprocess_image(pixels_of(image)[0], self.pre)
+
+    def reduction_limit(self, width: int, height: int) -> float:
+        """How many times smaller than `width` x `height` an image may be decoded with no detail lost to
+        this model: its preprocessing never has to enlarge it."""
+        if self.pre.resize == "stretch":
+            return min(width / self.pre.width, height / self.pre.height)
+        return min(width, height) / (max(self.pre.height, self.pre.width) / self.pre.crop_ratio)
 
     def run_batch(self, tensors: list[np.ndarray]) -> list[Classification]:
         batch = np.stack(tensors)

@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from operators.errors import BadInput
+from operators.images import SourceImage, pixels_of
 
 LETTERBOX_MODES = ("center", "top_left")
 LAYOUTS = ("v5", "v8", "auto")
@@ -351,8 +352,24 @@ class ObjectDetector:
             except ValueError as exc:
                 raise ValueError(f"{self.model.ref}: {len(self.labels)} labels do not fit the model output: {exc}") from exc
 
-    def preprocess(self, rgb: np.ndarray) -> tuple[np.ndarray, LetterboxInfo]:
-        """RGB `(H, W, 3) uint8` -> float32 `(3, height, width)` tensor and its `LetterboxInfo`."""
+    def reduction_limit(self, width: int, height: int) -> float:
+        """How many times smaller than `width` x `height` an image may be decoded with no detail lost to
+        this model: the letterbox never has to enlarge it."""
+        if self.pre.letterbox == "top_left":
+            return max(width, height) / max(self.pre.height, self.pre.width)
+        return max(height / self.pre.height, width / self.pre.width)
+
+    def preprocess(self, image: np.ndarray | SourceImage) -> tuple[np.ndarray, LetterboxInfo]:
+        """RGB `(H, W, 3) uint8` (or a SourceImage, maybe decoded smaller) -> float32 `(3, height, width)`
+        tensor and the `LetterboxInfo` that maps boxes back to the original image's pixels."""
+        rgb, width, height = pixels_of(image)
+        tensor, info = self._preprocess_pixels(rgb)
+        if (width, height) != (info.width, info.height):  # decoded at a reduced scale
+            info = LetterboxInfo(info.scale_x * info.width / width, info.scale_y * info.height / height,
+                                 info.pad_x, info.pad_y, width, height)
+        return tensor, info
+
+    def _preprocess_pixels(self, rgb: np.ndarray) -> tuple[np.ndarray, LetterboxInfo]:
         if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
             shape = getattr(rgb, "shape", None)
             raise BadInput("bad_image_array", f"expected an (H, W, 3) uint8 RGB array, got {shape} {getattr(rgb, 'dtype', type(rgb).__name__)}")

@@ -6,6 +6,7 @@ colour order happens in that model's preprocessing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -69,6 +70,38 @@ def _header_dimensions(data: bytes, encoding: str) -> tuple[int, int] | None:
     return None
 
 
+@dataclass(frozen=True)
+class SourceImage:
+    """The pixels of a `width` x `height` image, decoded at that size or smaller (libjpeg's DCT
+    scaling): `rgb` is `(h, w, 3) uint8` RGB with `h <= height`, `w <= width`. Operators read the
+    pixels and report geometry (boxes) in the original's pixels."""
+
+    rgb: np.ndarray
+    width: int
+    height: int
+
+
+def pixels_of(image: np.ndarray | SourceImage) -> tuple[np.ndarray, int, int]:
+    """(pixels, original width, original height) of an array or a SourceImage."""
+    if isinstance(image, SourceImage):
+        return image.rgb, image.width, image.height
+    return image, image.shape[1] if getattr(image, "ndim", 0) >= 2 else 0, image.shape[0] if getattr(image, "ndim", 0) >= 2 else 0
+
+
+# libjpeg decodes straight to 1/2, 1/4 or 1/8 of the size in the DCT domain (measured on 640x480:
+# 1.9 ms full, 1.3 ms at 1/2 with OpenCV): far less work than decoding everything and resizing.
+_REDUCED_FLAGS = {8: cv2.IMREAD_REDUCED_COLOR_8, 4: cv2.IMREAD_REDUCED_COLOR_4, 2: cv2.IMREAD_REDUCED_COLOR_2}
+
+
+def reduction_for(limit: float) -> int:
+    """The largest libjpeg scale denominator (8, 4, 2, else 1) not above `limit`.
+
+    >>> reduction_for(3.7), reduction_for(1.99), reduction_for(100)
+    (2, 1, 8)
+    """
+    return next((d for d in (8, 4, 2) if d <= limit), 1)
+
+
 def decode_image(
     data: bytes,
     encoding: str = "jpeg",
@@ -81,6 +114,20 @@ def decode_image(
     `width`/`height` are what the producer declared; raw frames need them, encoded frames are checked
     against them when given.
     """
+    return decode_source(data, encoding, width, height, limits).rgb
+
+
+def decode_source(
+    data: bytes,
+    encoding: str = "jpeg",
+    width: int | None = None,
+    height: int | None = None,
+    limits: ImageLimits = ImageLimits(),
+    reduction_limit: Callable[[int, int], float] | None = None,
+) -> SourceImage:
+    """Like `decode_image`, but a JPEG is decoded at 1/2, 1/4 or 1/8 scale when
+    `reduction_limit(width, height)` (how many times smaller the models that read it can take it)
+    allows; the result keeps the original size for geometry."""
     if not data:
         raise BadInput("empty_image", "the record value is empty")
     if encoding not in ENCODINGS:
@@ -93,18 +140,23 @@ def decode_image(
         expected = width * height * 3
         if len(data) != expected:
             raise BadInput("size_mismatch", f"raw rgb24 {width}x{height} needs {expected} bytes, got {len(data)}")
-        return np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3).copy()
+        return SourceImage(np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3).copy(), width, height)
 
     declared = _header_dimensions(data, encoding)
     if declared is not None:
         check_dimensions(*declared, limits)  # refuse bombs before allocating their pixels
-    bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    factor = 1
+    if encoding == "jpeg" and declared is not None and reduction_limit is not None:
+        factor = reduction_for(reduction_limit(*declared))
+    bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), _REDUCED_FLAGS.get(factor, cv2.IMREAD_COLOR))
     if bgr is None:
         raise BadInput("image_decode_failed", f"{len(data)} bytes are not a decodable {encoding} image")
     if encoding == "jpeg" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
         # libjpeg fills a truncated scan with grey and only warns; a cut-off frame is not a frame.
         raise BadInput("image_truncated", f"{encoding} data ends before its end-of-image marker")
     h, w = bgr.shape[:2]
+    if factor > 1:
+        w, h = declared  # the size of the image, not of its reduced decode
     if width is not None and height is not None and (w, h) != (width, height):
         raise BadInput("size_mismatch", f"headers say {width}x{height} but the image is {w}x{h}")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return SourceImage(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), w, h)

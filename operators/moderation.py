@@ -153,6 +153,15 @@ class Moderator:
         """The stage (resolved `name@version`) that serves a check by default; its key in judge() results."""
         return self.assign(None, lease=False).stages[check_name].ref
 
+    def reduction_limit(self, assignment: Assignment, width: int, height: int) -> float:
+        """How many times smaller than `width` x `height` this record's image may be decoded: the least
+        that any model reading it (shadows included) can take without losing detail; 1 when a model
+        does not say."""
+        limits = [getattr(stage.operator, "reduction_limit", lambda w, h: 1.0)(width, height)
+                  for check in self.policy.for_input("image")
+                  for stage in (assignment.stages[check.name], assignment.shadows.get(check.name)) if stage is not None]
+        return min(limits, default=1.0)
+
     def prepare(self, text: str | None = None, image: np.ndarray | None = None,
                 assignment: Assignment | None = None) -> dict[str, Any]:
         """Preprocessing of one record for every model that reads its parts, keyed by stage ref (CPU

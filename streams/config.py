@@ -54,6 +54,9 @@ class Settings:
     providers: str = ""  # e.g. "cuda,cpu"; empty = each model config's own preference
     intra_op_threads: int = 0  # 0 = ONNX Runtime default
     decode_threads: int = 2
+    # JPEGs at least twice a model's input are decoded at 1/2, 1/4 or 1/8 scale in libjpeg's DCT
+    # (never smaller than what every model reading the image resizes to); false: always full size
+    decode_reduced: bool = True
     gil_switch_interval_ms: float = 0.5  # Python's default is 5 ms; 0 leaves it
     max_in_flight: int = 1024  # records decoded/inferring per agent before consuming pauses
     max_batch_records: int = 256  # records an agent takes from its stream at once (one batch of work)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from operators.errors import BadInput
-from operators.images import ImageLimits, decode_image
+from operators.images import ImageLimits, decode_image, decode_source
 from operators.moderation import Assignment, ModelFailed, Moderator
 from streams import metrics
 from streams.config import Settings
@@ -188,7 +188,7 @@ class ModerationPipeline:
         parts, ready = [], []
         for r in records:
             try:
-                rgb = decode_image(*r.image, self.limits) if r.image is not None else None
+                rgb = None if r.image is None else decode_source(*r.image, self.limits, self._reduction(r.assignment))
             except Exception as exc:
                 r.fail(exc)
                 continue
@@ -200,6 +200,12 @@ class ModerationPipeline:
             else:
                 r.items = items
                 r.stage = "inference"
+
+    def _reduction(self, assignment: Assignment):
+        """What decoding at a reduced scale must respect for this record (None: full size always)."""
+        if not self.settings.decode_reduced:
+            return None
+        return lambda width, height: self.moderator.reduction_limit(assignment, width, height)
 
     async def _judge(self, records: list[_Record]) -> None:
         live = [r for r in records if r.failure is None]
