@@ -39,6 +39,7 @@ from bench.models_throughput import (  # noqa: E402
 from operators.model_repository import ModelRepository  # noqa: E402
 from streams.broker import EmbeddedBroker, free_port  # noqa: E402
 from streams.config import Settings  # noqa: E402
+from streams.cores import decode_threads  # noqa: E402
 from streams.kafka import ensure_topics  # noqa: E402
 from streams.schemas import FRAMES, POSTS, VERDICTS  # noqa: E402
 
@@ -62,7 +63,7 @@ def run_handwritten(base: Settings, broker: EmbeddedBroker, spec: ModelSpec, top
     with log_path.open("wb") as log:
         proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "handwritten_consumer.py"), "--broker", broker.bootstrap,
                                  "--input", source.topic(topic), "--output", settings.topic(VERDICTS), "--model", str(model_dir),
-                                 "--group", f"hw-{run_id}-{spec.name}", "--decode-threads", str(base.decode_threads)],
+                                 "--group", f"hw-{run_id}-{spec.name}", "--decode-threads", str(decode_threads(base))],
                                 cwd=ROOT, stdout=log, stderr=log)
         try:
             got = asyncio.run(collect(settings, n, proc, {"worker": proc.pid, "broker": broker.process.pid},

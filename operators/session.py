@@ -103,6 +103,16 @@ def choose_providers(
 _OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
 
+_INTRA_OP_SPINNING = True  # ONNX Runtime's default; a worker that shares its cores turns it off
+
+
+def set_intra_op_spinning(allowed: bool) -> None:
+    """Whether sessions created from now on let their intra-op threads spin (busy-wait) between
+    operators: faster for a model alone on its cores, a waste of cores other threads need."""
+    global _INTRA_OP_SPINNING
+    _INTRA_OP_SPINNING = bool(allowed)
+
+
 class OnnxSession:
     """A loaded ONNX model. `run` takes and returns numpy arrays keyed by tensor name.
 
@@ -129,6 +139,8 @@ class OnnxSession:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads  # 0 = ONNX Runtime's default (one per core)
         options.inter_op_num_threads = inter_op_threads
+        if not _INTRA_OP_SPINNING:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if graph_optimization not in _OPT_LEVELS:
             raise ValueError(f"graph_optimization must be one of {sorted(_OPT_LEVELS)}, not {graph_optimization!r}")
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[graph_optimization])

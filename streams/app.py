@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from pathlib import Path
 
 import faust
@@ -19,6 +18,7 @@ from operators.policy import Policy
 from operators.registry import ModelRegistry, RegistryHooks, Stage
 from streams import metrics, web
 from streams.config import Settings
+from streams.cores import share_cores
 from streams.moderation import ModerationPipeline, source_of
 from streams.ordered import OrderedAcker, Output
 from streams.schemas import EVENTS, FRAMES, POSTS, RECOMMENDATION_REQUESTS
@@ -196,21 +196,13 @@ def _instrument(app: faust.App) -> None:
         metrics.LAG_AVAILABLE.set(1 if current else 0)
 
 
-def share_the_gil(settings: Settings) -> None:
-    """The model and decode threads need the GIL for a moment around each native call; at Python's
-    default 5 ms switch interval they waited behind the busy event loop for most of it (measured on
-    posts: the toxicity batch thread busy 30% while records queued for it)."""
-    if settings.gil_switch_interval_ms > 0:
-        sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
-
-
 def build_worker_app(settings: Settings) -> faust.App:
     """The app with every agent registered and its models loaded (loaded before the worker joins the
     group, so no partition is held while a model is still loading). The model registry polls the
     repository for new versions and serving-state changes; REST routes share the web port, and gRPC
     runs on `grpc_port` when it is set."""
     app = create_app(settings)
-    share_the_gil(settings)
+    share_cores(settings)
     providers = tuple(p for p in settings.providers.split(",") if p) or None
     registry = ModelRegistry(ModelRepository(settings.model_dir), providers, settings.intra_op_threads or None,
                              hooks=model_metrics())

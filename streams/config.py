@@ -52,12 +52,14 @@ class Settings:
     model_dir: str = str(REPO_MODELS)
     policy: str = str(REPO_POLICY)  # moderation policy: checks, models, thresholds
     providers: str = ""  # e.g. "cuda,cpu"; empty = each model config's own preference
-    intra_op_threads: int = 0  # 0 = ONNX Runtime default
-    decode_threads: int = 2
+    # How the worker's threads share the cores (streams/cores.py has the measured rule)
+    intra_op_threads: int = 0  # every model's ONNX Runtime intra-op threads; 0 = each model config's own
+    intra_op_spinning: bool = False  # let ONNX Runtime's threads busy-wait between operators
+    decode_threads: int = 0  # JPEG decode/preprocess threads; 0 = one per usable core
+    gil_switch_interval_ms: float = 0.5  # Python's default is 5 ms; 0 leaves it
     # JPEGs at least twice a model's input are decoded at 1/2, 1/4 or 1/8 scale in libjpeg's DCT
     # (never smaller than what every model reading the image resizes to); false: always full size
     decode_reduced: bool = True
-    gil_switch_interval_ms: float = 0.5  # Python's default is 5 ms; 0 leaves it
     max_in_flight: int = 1024  # records decoded/inferring per agent before consuming pauses
     max_batch_records: int = 256  # records an agent takes from its stream at once (one batch of work)
     gather_ms: float = 2.0  # after a batch's first record, how long an agent waits for the rest of its fetch

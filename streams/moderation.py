@@ -24,6 +24,7 @@ from operators.images import ImageLimits, decode_image, decode_source
 from operators.moderation import Assignment, ModelFailed, Moderator
 from streams import metrics
 from streams.config import Settings
+from streams.cores import decode_threads
 from streams.logs import record_fields
 from streams.ordered import Output
 from streams.schemas import (
@@ -102,7 +103,7 @@ class ModerationPipeline:
         self.settings = settings
         self.moderator = moderator
         self.limits = ImageLimits(settings.max_image_side, settings.max_image_pixels)
-        self.decode_threads = max(1, settings.decode_threads)
+        self.decode_threads = decode_threads(settings)
         self.pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
         self.shadow_topic = shadow_topic or (settings.topic(SHADOW_VERDICTS) if verdicts_topic is None else None)
         self.verdicts_topic = verdicts_topic or settings.topic(VERDICTS)

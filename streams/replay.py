@@ -38,6 +38,7 @@ from operators.model_repository import ModelRepository
 from operators.moderation import Moderator
 from operators.policy import Check, Policy, PolicyError
 from streams.config import Settings
+from streams.cores import share_cores
 from streams.kafka import consumer, ensure_topics, fetch_high_watermarks, producer
 from streams.moderation import ModerationPipeline
 from streams.ordered import OrderedAcker, Output
@@ -241,6 +242,7 @@ async def replay(settings: Settings, options: ReplayOptions) -> dict[str, Any]:
         ckpt_path.unlink()
     checkpoint = Checkpoint.load(ckpt_path, run)
 
+    share_cores(settings)
     moderator = Moderator(ModelRepository(settings.model_dir), policy, tuple(p for p in settings.providers.split(",") if p) or None,
                           settings.intra_op_threads or None)
     for stage in moderator.stages.values():
