@@ -17,6 +17,7 @@ from operators.moderation import Moderator
 from operators.policy import Policy
 from operators.registry import ModelRegistry, RegistryHooks, Stage
 from streams import metrics, web
+from streams.batches import batches_of, use_batching_consumer
 from streams.config import Settings
 from streams.cores import share_cores
 from streams.moderation import ModerationPipeline, source_of
@@ -59,7 +60,7 @@ def faust_credentials(settings: Settings):
 def create_app(settings: Settings) -> faust.App:
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     _shorten_fetch_wait(settings.fetch_max_wait_ms)
-    return faust.App(
+    app = faust.App(
         settings.app_id,
         broker=[f"kafka://{server}" for server in settings.bootstrap_servers],
         broker_credentials=faust_credentials(settings),
@@ -84,6 +85,8 @@ def create_app(settings: Settings) -> faust.App:
         web_bind=settings.web_host,
         web_host=settings.web_host,
     )
+    use_batching_consumer(app)
+    return app
 
 
 def raw_topic(app: faust.App, settings: Settings, *names: str) -> faust.TopicT:
@@ -94,19 +97,25 @@ def raw_topic(app: faust.App, settings: Settings, *names: str) -> faust.TopicT:
 
 def _ordered_agent(app: faust.App, settings: Settings, topic_name: str, handle_batch, send, *more_topics: str,
                    background=None, max_in_flight: int | None = None):
-    """An agent over raw records of `topic_name` (and `more_topics`), taken in batches of what has
-    arrived, whose outputs (`handle_batch(sources) -> one list of outputs per source`) are delivered
-    before each ack; `background()` is a coroutine run alongside it (e.g. the recommender loop)."""
+    """An agent over raw records of `topic_name` (and `more_topics`), taken a fetch at a time straight
+    from the consumer (streams/batches.py), whose outputs (`handle_batch(sources) -> one list of
+    outputs per source`) are delivered before each ack; `background()` is a coroutine run alongside
+    it (e.g. the recommender loop)."""
     limit = max_in_flight or settings.max_in_flight
+    names = [settings.topic(n) for n in (topic_name, *more_topics)]
+    chunk = max(1, min(settings.max_batch_records, limit))
 
     @app.agent(raw_topic(app, settings, topic_name, *more_topics), name=topic_name)
-    async def agent(stream):
-        acker = OrderedAcker(send, limit, name=settings.topic(topic_name))
+    async def agent(stream):  # the stream subscribes the topics; records arrive through batches_of
+        consumer = app.consumer
+        acker = OrderedAcker(send, limit, name=settings.topic(topic_name), ack=lambda m: m.ack(consumer))
         delivering = asyncio.ensure_future(acker.run())
         helper = asyncio.ensure_future(background()) if background else None
         try:
-            async for events in arrived_batches(stream, max(1, min(settings.max_batch_records, limit)), settings.gather_ms / 1000):
-                await acker.add_batch(events, handle_batch([source_of(e) for e in events]))
+            async for messages in batches_of(app, names):
+                for i in range(0, len(messages), chunk):
+                    part = messages[i : i + chunk]
+                    await acker.add_batch(part, handle_batch([source_of(m) for m in part]))
         finally:
             await acker.drain(timeout_s=5.0)
             delivering.cancel()
@@ -114,27 +123,6 @@ def _ordered_agent(app: faust.App, settings: Settings, topic_name: str, handle_b
                 helper.cancel()
 
     return agent
-
-
-async def arrived_batches(stream, max_records: int, gather_s: float):
-    """Events of an agent's stream in batches (at least one, at most `max_records`), in consume
-    order, never acked here (the OrderedAcker acks them). After the first event of a batch, waits
-    `gather_s` for the rest of its fetch: Faust's conductor hands events over one at a time, and
-    without the wait a busy worker took batches of one or two (measured: 1.3 events per batch).
-
-    Events are taken from the channel's queue, which the conductor fills, rather than through the
-    stream iterator: measured on 30,000 records, Faust's per-event iteration (`events()` or
-    `take_events()`) delivered 10,400-10,900 events/s and taking from the queue 13,200/s on the same
-    machine; the stream's per-event work (current-event context, sensors, implicit acks) is what a
-    no-ack batch path does not need."""
-    queue = stream.channel.queue
-    while True:
-        batch = [await queue.get()]
-        if gather_s > 0 and queue.qsize() < max_records - 1:
-            await asyncio.sleep(gather_s)
-        while len(batch) < max_records and not queue.empty():
-            batch.append(queue.get_nowait())
-        yield batch
 
 
 def model_metrics() -> RegistryHooks:

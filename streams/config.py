@@ -62,7 +62,6 @@ class Settings:
     decode_reduced: bool = True
     max_in_flight: int = 1024  # records decoded/inferring per agent before consuming pauses
     max_batch_records: int = 256  # records an agent takes from its stream at once (one batch of work)
-    gather_ms: float = 2.0  # after a batch's first record, how long an agent waits for the rest of its fetch
     # Recommendations
     recommendations: str = "auto"  # auto: on when the models below load; on: they must; off
     retrieval_model: str = "cf-retrieval"

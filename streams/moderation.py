@@ -50,9 +50,9 @@ log = logging.getLogger(__name__)
 WORKER_ID = f"{socket.gethostname()}/{os.getpid()}"
 
 
-def source_of(event: Any) -> SourceRecord:
-    """The coordinates and payload of a Faust event (or anything with a compatible `.message`)."""
-    m = event.message
+def source_of(message: Any) -> SourceRecord:
+    """The coordinates and payload of a Faust message (or a Faust event: its `.message`)."""
+    m = getattr(message, "message", message)
     ts = m.timestamp
     return SourceRecord(m.topic, m.partition, m.offset, int(ts * 1000) if ts else None, m.key, decode_headers(m.headers), m.value)
 

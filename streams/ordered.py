@@ -53,9 +53,12 @@ class OrderedAcker:
     """Events are added in consume order, singly (`add`) or as a batch sharing one computation of
     their outputs (`add_batch`); both kinds are delivered and acked in that order."""
 
-    def __init__(self, send: Send, max_in_flight: int = 256, max_flush: int = 1000, name: str = "agent") -> None:
-        """`name` is the source topic: the label of this acker's metrics."""
+    def __init__(self, send: Send, max_in_flight: int = 256, max_flush: int = 1000, name: str = "agent",
+                 ack: Callable[[Any], Any] | None = None) -> None:
+        """`name` is the source topic: the label of this acker's metrics; `ack(event)` acks an event
+        (default: `event.ack()`)."""
         self._send = send
+        self._ack = ack or (lambda event: event.ack())
         # (events, awaitable of one list of outputs per event), oldest first
         self._pending: deque[tuple[list[Any], asyncio.Future[list[list[Output]]]]] = deque()
         self._max_in_flight = max_in_flight
@@ -147,7 +150,7 @@ class OrderedAcker:
             await self._confirm(outputs, deliveries)
             self._sent.popleft()
             for event in events:
-                event.ack()
+                self._ack(event)
             self._unacked -= len(events)
             self.delivered += len(events)
             self._space.set()

@@ -36,15 +36,29 @@ def test_sigkill_mid_stream_then_restart_loses_no_frame(settings, start_worker, 
 
 def test_a_second_worker_takes_partitions_mid_stream_without_losing_frames(settings, start_worker, run):
     settings = settings.replace(partitions=4)
-    n = 12000  # enough work that the first worker is still busy when the second has joined
-    expected = {f"cam-{i % 8}:{i}" for i in range(n)}
-    run(send_records(settings, FRAMES, [frame_record(f"cam-{i % 8}", i, frame_image(i % 50)) for i in range(n)]))
+    sent = 0
 
+    def send_frames(count: int) -> None:
+        nonlocal sent
+        run(send_records(settings, FRAMES, [frame_record(f"cam-{i % 8}", i, frame_image(i % 50))
+                                             for i in range(sent, sent + count)]))
+        sent += count
+
+    def workers(records: list[dict]) -> set[str]:
+        return {r["value"]["worker"] for r in records}
+
+    send_frames(12000)
     start_worker(settings)
     collect(settings, VERDICTS, lambda rs: len(rs) >= 1, timeout_s=90)
     start_worker(settings)  # joins the same group: a rebalance while records are in flight
+    # Keep frames coming until the second worker judges some: however fast the first one is, the
+    # rebalance happens mid-stream (the second worker's group join takes seconds).
+    for _ in range(40):
+        if len(workers(collect(settings, VERDICTS, lambda rs: len(workers(rs)) >= 2, timeout_s=3))) >= 2:
+            break
+        send_frames(3000)
+    expected = {f"cam-{i % 8}:{i}" for i in range(sent)}
     verdicts = collect(settings, VERDICTS, lambda rs: ids(rs) >= expected, timeout_s=180)
 
     assert ids(verdicts) == expected
-    workers = {r["value"]["worker"] for r in verdicts}
-    assert len(workers) == 2, f"both workers should have judged frames, saw {workers}"
+    assert len(workers(verdicts)) == 2, f"both workers should have judged frames, saw {workers(verdicts)}"
