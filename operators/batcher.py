@@ -29,6 +29,9 @@ In = TypeVar("In")
 Out = TypeVar("Out")
 
 
+STREAM, SYNC = 0, 1  # submission lanes: stream records first, synchronous API calls after them
+
+
 class BatchFailed(Exception):
     """The model failed on this item even when run alone."""
 
@@ -102,7 +105,7 @@ class MicroBatcher(Generic[In, Out]):
         self.on_batch = on_batch
         self.stats = BatchStats()
         self._lock = threading.Condition()
-        self._waiting: deque[_Submission] = deque()
+        self._lanes: tuple[deque[_Submission], ...] = (deque(), deque())  # STREAM, SYNC: served in that order
         self._waiting_items = 0  # items queued and not yet taken into a batch
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -112,14 +115,16 @@ class MicroBatcher(Generic[In, Out]):
         """Items waiting for a batch."""
         return self._waiting_items
 
-    async def submit(self, item: In) -> Out:
-        (result,) = await self.submit_many([item])
+    async def submit(self, item: In, lane: int = STREAM) -> Out:
+        (result,) = await self.submit_many([item], lane)
         if isinstance(result, BatchFailed):
             raise result
         return result
 
-    async def submit_many(self, items: Sequence[In]) -> list[Out | BatchFailed]:
-        """The results of `items`, in order; an item the model failed on even alone is a BatchFailed."""
+    async def submit_many(self, items: Sequence[In], lane: int = STREAM) -> list[Out | BatchFailed]:
+        """The results of `items`, in order; an item the model failed on even alone is a BatchFailed.
+        Batches take items of the STREAM lane before those of the SYNC lane (synchronous API calls),
+        so a burst of API calls cannot hold stream records back."""
         if not items:
             return []
         loop = asyncio.get_running_loop()
@@ -127,7 +132,7 @@ class MicroBatcher(Generic[In, Out]):
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"{self.name}: the batcher is closed")
-            self._waiting.append(submission)
+            self._lanes[lane].append(submission)
             self._waiting_items += len(items)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._serve, name=f"infer-{self.name}", daemon=True)
@@ -155,7 +160,7 @@ class MicroBatcher(Generic[In, Out]):
         """The next batch as (submission, start, end) parts: waits for a first item, then up to
         `max_wait_s` for more until `max_batch_size`. None once closed."""
         with self._lock:
-            while not self._waiting and not self._closed:
+            while not self._waiting_items and not self._closed:
                 self._lock.wait()
             if self._closed:
                 return None
@@ -163,7 +168,7 @@ class MicroBatcher(Generic[In, Out]):
             size = self._take(parts, self.max_batch_size)
             deadline = time.monotonic() + self.max_wait_s
             while size < self.max_batch_size and not self._closed:
-                if self._waiting:
+                if self._waiting_items:
                     size += self._take(parts, self.max_batch_size - size)
                     continue
                 remaining = deadline - time.monotonic()
@@ -173,21 +178,22 @@ class MicroBatcher(Generic[In, Out]):
             return parts
 
     def _take(self, parts: list[tuple[_Submission, int, int]], room: int) -> int:
-        """Move up to `room` queued items into `parts`; returns how many (lock held)."""
+        """Move up to `room` queued items into `parts`, lane by lane; returns how many (lock held)."""
         taken = 0
-        while self._waiting and taken < room:
-            sub = self._waiting[0]
-            if sub.future.cancelled():  # its caller is gone: nobody wants these results
-                self._waiting.popleft()
-                self._waiting_items -= len(sub.items) - sub.taken
-                continue
-            n = min(room - taken, len(sub.items) - sub.taken)
-            parts.append((sub, sub.taken, sub.taken + n))
-            sub.taken += n
-            taken += n
-            if sub.taken == len(sub.items):
-                self._waiting.popleft()
-        self._waiting_items -= taken
+        for waiting in self._lanes:
+            while waiting and taken < room:
+                sub = waiting[0]
+                if sub.future.cancelled():  # its caller is gone: nobody wants these results
+                    waiting.popleft()
+                    self._waiting_items -= len(sub.items) - sub.taken
+                    continue
+                n = min(room - taken, len(sub.items) - sub.taken)
+                parts.append((sub, sub.taken, sub.taken + n))
+                sub.taken += n
+                taken += n
+                self._waiting_items -= n
+                if sub.taken == len(sub.items):
+                    waiting.popleft()
         return taken
 
     def _run_checked(self, items: list[In]) -> Sequence[Out]:

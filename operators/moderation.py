@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from operators.batcher import BatchFailed
+from operators.batcher import STREAM, BatchFailed
 from operators.model_repository import ModelRepository
 from operators.policy import Policy, PolicyError, verdict_fields
 from operators.registry import MODERATION_TASKS, Lease, ModelRegistry, Stage, operator_for
@@ -205,15 +205,15 @@ class Moderator:
                             out[i] = item
         return out
 
-    async def judge(self, items: dict[str, Any], assignment: Assignment | None = None) -> dict[str, Any]:
+    async def judge(self, items: dict[str, Any], assignment: Assignment | None = None, lane: int = STREAM) -> dict[str, Any]:
         """The results of one prepared record as_dict() by stage ref; raises ModelFailed."""
-        (results,) = await self.judge_many([items], [assignment or self.assign(None, lease=False)])
+        (results,) = await self.judge_many([items], [assignment or self.assign(None, lease=False)], lane)
         if isinstance(results, Exception):
             raise results
         return results
 
-    async def judge_many(self, items: Sequence[dict[str, Any]],
-                         assignments: Sequence[Assignment]) -> list[dict[str, Any] | ModelFailed]:
+    async def judge_many(self, items: Sequence[dict[str, Any]], assignments: Sequence[Assignment],
+                         lane: int = STREAM) -> list[dict[str, Any] | ModelFailed]:
         """Every prepared record's parts through their models' batchers: one submission per model for
         the whole batch, all models concurrently. Per record its results as_dict() by stage ref, or
         ModelFailed when one of its (non-shadow) models failed on it even alone. A shadow that fails
@@ -224,7 +224,7 @@ class Moderator:
                 if ref not in groups:
                     groups[ref] = (a.stage_of(ref), [])
                 groups[ref][1].append(i)
-        outcomes = await asyncio.gather(*(stage.batcher.submit_many([items[i][ref] for i in rows])
+        outcomes = await asyncio.gather(*(stage.batcher.submit_many([items[i][ref] for i in rows], lane)
                                           for ref, (stage, rows) in groups.items()))
         results: list[dict[str, Any] | ModelFailed] = [{} for _ in items]
         for (ref, (stage, rows)), outs in zip(groups.items(), outcomes, strict=True):

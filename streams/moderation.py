@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from operators.batcher import SYNC
 from operators.errors import BadInput
 from operators.images import ImageLimits, decode_image, decode_source
 from operators.moderation import Assignment, ModelFailed, Moderator
@@ -247,7 +248,7 @@ class ModerationPipeline:
 
             items = await self._in_thread(prepare)
             started = time.perf_counter()
-            results = await self.moderator.judge(items, assignment)
+            results = await self.moderator.judge(items, assignment, SYNC)  # behind stream records
             judgement = self.moderator.judgement(results, assignment)
             verdict = {"schema": VERDICT_SCHEMA, "id": post["id"], "kind": "post", "user_id": post["user_id"],
                        "created_at": post["created_at"], **judgement, "models": self._models(results, assignment),

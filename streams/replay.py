@@ -145,8 +145,10 @@ class _Done:
             self.bar.update(1)
 
 
-async def _no_outputs() -> list[Output]:
-    return []
+async def _outputs_of(handle_batch, sources: list[SourceRecord | None]) -> list[list[Output]]:
+    """The outputs of each source, in order (none for a None), from one `handle_batch` call."""
+    results = iter(await handle_batch([s for s in sources if s is not None]))
+    return [[] if source is None else next(results) for source in sources]
 
 
 # ----------------------------------------------------------------------------------------- replay
@@ -251,7 +253,7 @@ async def replay(settings: Settings, options: ReplayOptions) -> dict[str, Any]:
     pipeline = ModerationPipeline(settings, moderator, verdicts_topic=options.output,
                                   dead_letters_topic=options.dead_letters or settings.topic(DEAD_LETTERS),
                                   versioned_keys=True, extra={"replay": {"run": digest, "policy": policy.source}})
-    handle = pipeline.handle_post if options.source == POSTS else pipeline.handle_frame
+    handle = pipeline.handle_posts if options.source == POSTS else pipeline.handle_frames
     topic = settings.topic(options.source)
 
     await ensure_topics(settings)
@@ -319,18 +321,21 @@ async def _process(kafka, out, tps, ranges: dict[int, PartitionRange], options: 
             batch = await kafka.getmany(*active, timeout_ms=500, max_records=options.batch_size * 4)
             for tp, records in batch.items():
                 r = ranges[tp.partition]
+                done: list[_Done] = []
+                sources: list[SourceRecord | None] = []  # None: outside the time range, no outputs
                 for rec in records:
                     if rec.offset >= r.end:
                         break
-                    done = _Done(checkpoint, tp.partition, rec.offset, bars.get(tp.partition))
+                    done.append(_Done(checkpoint, tp.partition, rec.offset, bars.get(tp.partition)))
                     if _in_time_range(rec.timestamp, options):
-                        source = SourceRecord(rec.topic, rec.partition, rec.offset, rec.timestamp, rec.key,
-                                              decode_headers(rec.headers), rec.value)
-                        await acker.add(done, handle(source))
+                        sources.append(SourceRecord(rec.topic, rec.partition, rec.offset, rec.timestamp, rec.key,
+                                                    decode_headers(rec.headers), rec.value))
                         selected += 1
                     else:
-                        await acker.add(done, _no_outputs())
+                        sources.append(None)
                         skipped += 1
+                if done:
+                    await acker.add_batch(done, _outputs_of(handle, sources))
             active = [tp for tp in active if (await kafka.position(tp)) < ranges[tp.partition].end]
         while acker.in_flight:
             await asyncio.sleep(0.01)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from operators.batcher import BatchFailed
+from operators.batcher import SYNC, BatchFailed
 from operators.errors import BadInput
 from operators.images import ImageLimits, decode_image
 from operators.model_repository import ModelConfigError
@@ -164,7 +164,7 @@ class ServingAPI:
             takes = stage.input_kind or 'raw tensors ({"inputs": ...})'
             raise ApiError(400, "wrong_input", f"{stage.ref} ({stage.model.config.task}) takes {takes}, not {kind}")
         item = await asyncio.to_thread(stage.operator.preprocess, value)
-        return (await stage.batcher.submit(item)).as_dict()
+        return (await stage.batcher.submit(item, SYNC)).as_dict()  # behind stream records
 
     async def _tensors(self, stage, inputs: Any, outputs: Any) -> dict[str, Any]:
         """`{name: nested list}` or `{name: {"dtype", "shape", "data"}}` -> the session's outputs as

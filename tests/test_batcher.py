@@ -274,3 +274,132 @@ def test_real_model_failure_mid_batch_fails_only_the_poisoned_image(tmp_path):
         expected = sorted(range(len(probs)), key=lambda c: (-probs[c], c))[:3]
         assert result.class_ids == expected
         np.testing.assert_allclose(result.scores, probs[expected], rtol=1e-4)
+
+
+def test_submit_many_splits_a_large_submission_across_batches_in_order():
+    sizes: list[int] = []
+
+    def run_batch(items):
+        sizes.append(len(items))
+        return [_square_plus(x) for x in items]
+
+    async def main():
+        batcher = MicroBatcher(run_batch, max_batch_size=8, max_wait_s=0.001)
+        return await _with_batcher(batcher, lambda: batcher.submit_many(list(range(30))))
+
+    assert asyncio.run(main()) == [_square_plus(i) for i in range(30)]
+    assert sizes == [8, 8, 8, 6]
+
+
+def test_submissions_share_batches_and_each_gets_its_own_results():
+    batches: list[list[int]] = []
+    release = threading.Event()
+
+    def run_batch(items):
+        batches.append(list(items))
+        release.wait(1)  # the first batch runs while the others queue up behind it
+        return [_square_plus(x) for x in items]
+
+    async def main():
+        batcher = MicroBatcher(run_batch, max_batch_size=10, max_wait_s=0.01)
+
+        async def body():
+            first = asyncio.ensure_future(batcher.submit_many([100]))
+            while not batches:
+                await asyncio.sleep(0.001)
+            rest = [asyncio.ensure_future(batcher.submit_many(list(range(k * 4, k * 4 + 4)))) for k in range(3)]
+            await asyncio.sleep(0)
+            release.set()
+            return await first, await asyncio.gather(*rest)
+
+        return await _with_batcher(batcher, body)
+
+    first, rest = asyncio.run(main())
+    assert first == [_square_plus(100)]
+    assert rest == [[_square_plus(x) for x in range(k * 4, k * 4 + 4)] for k in range(3)]
+    assert batches[1:] == [list(range(0, 10)), [10, 11]]  # 12 queued items: a full batch, then the rest
+
+
+def test_submit_many_returns_batch_failed_in_place_of_a_poisoned_item():
+    def run_batch(items):
+        if 13 in items:
+            raise ValueError("poison")
+        return [x + 1 for x in items]
+
+    async def main():
+        batcher = MicroBatcher(run_batch, max_batch_size=8, max_wait_s=0)
+        return await _with_batcher(batcher, lambda: batcher.submit_many([1, 13, 2]))
+
+    results = asyncio.run(main())
+    assert results[0] == 2 and results[2] == 3
+    assert isinstance(results[1], BatchFailed)
+
+
+def test_a_cancelled_submission_is_skipped_and_others_still_run():
+    ran: list[int] = []
+    release = threading.Event()
+
+    def run_batch(items):
+        ran.extend(items)
+        release.wait(1)
+        return list(items)
+
+    async def main():
+        batcher = MicroBatcher(run_batch, max_batch_size=4, max_wait_s=0)
+
+        async def body():
+            first = asyncio.ensure_future(batcher.submit(0))
+            while not ran:
+                await asyncio.sleep(0.001)
+            doomed = asyncio.ensure_future(batcher.submit_many([1, 2]))
+            kept = asyncio.ensure_future(batcher.submit_many([3]))
+            await asyncio.sleep(0)
+            doomed.cancel()
+            release.set()
+            return await first, await kept
+
+        return await _with_batcher(batcher, body)
+
+    assert asyncio.run(main()) == (0, [3])
+    assert ran == [0, 3]
+
+
+def test_a_closed_batcher_refuses_new_work():
+    async def main():
+        batcher = MicroBatcher(lambda items: list(items))
+        await batcher.close()
+        with pytest.raises(RuntimeError, match="closed"):
+            await batcher.submit(1)
+
+    asyncio.run(main())
+
+
+def test_stream_items_are_batched_before_synchronous_calls_that_queued_earlier():
+    from operators.batcher import SYNC
+
+    batches: list[list[str]] = []
+    release = threading.Event()
+
+    def run_batch(items):
+        batches.append(list(items))
+        release.wait(1)
+        return list(items)
+
+    async def main():
+        batcher = MicroBatcher(run_batch, max_batch_size=3, max_wait_s=0)
+
+        async def body():
+            first = asyncio.ensure_future(batcher.submit("first"))
+            while not batches:
+                await asyncio.sleep(0.001)
+            api = asyncio.ensure_future(batcher.submit_many(["api-1", "api-2"], SYNC))
+            await asyncio.sleep(0)
+            stream = asyncio.ensure_future(batcher.submit_many(["rec-1", "rec-2"]))
+            await asyncio.sleep(0)
+            release.set()
+            return await asyncio.gather(first, api, stream)
+
+        return await _with_batcher(batcher, body)
+
+    asyncio.run(main())
+    assert batches == [["first"], ["rec-1", "rec-2", "api-1"], ["api-2"]]

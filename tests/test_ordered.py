@@ -240,7 +240,7 @@ def test_failed_delivery_exits_without_acking():
     assert acks == []
 
 
-async def _ready(outputs: list[Output]) -> list[Output]:
+async def _ready(outputs):
     return outputs
 
 
@@ -289,3 +289,48 @@ def test_a_non_retriable_delivery_error_acks_nothing_and_exits():
     with pytest.raises(ProcessExit) as exit_info:
         asyncio.run(scenario())
     assert exit_info.value.args == (EXIT_DELIVERY_FAILED,) and acks == []
+
+
+def test_a_batch_of_events_is_acked_in_order_after_its_outputs_and_earlier_ones_are_delivered():
+    async def main():
+        loop = asyncio.get_running_loop()
+        producer, acks = FakeProducer(auto_deliver=True), []
+        acker = OrderedAcker(producer.send)
+        runner = asyncio.create_task(acker.run())
+        single = loop.create_future()
+        await acker.add(FakeEvent("e0", acks), single)
+        await acker.add_batch([FakeEvent(f"e{i}", acks) for i in (1, 2, 3)],
+                              _ready([[_out("e1")], [], [_out("e3a"), _out("e3b")]]))
+        await _settle()
+        before = list(acks)
+        single.set_result([_out("e0")])
+        await _settle()
+        await _stop(runner)
+        return before, acks, [o.key for o, _ in producer.sent]
+
+    before, acks, sent_keys = asyncio.run(main())
+    assert before == []  # the batch is done, but e0 before it is not
+    assert acks == ["e0", "e1", "e2", "e3"]
+    assert sent_keys == [b"e0", b"e1", b"e3a", b"e3b"]
+
+
+def test_add_batch_waits_while_the_batch_would_pass_max_in_flight():
+    async def main():
+        producer, acks = FakeProducer(), []
+        acker = OrderedAcker(producer.send, max_in_flight=4)
+        runner = asyncio.create_task(acker.run())
+        await acker.add_batch([FakeEvent(f"a{i}", acks) for i in range(3)], _ready([[_out(f"a{i}")] for i in range(3)]))
+        second = asyncio.ensure_future(acker.add_batch([FakeEvent(f"b{i}", acks) for i in range(2)],
+                                                       _ready([[], []])))
+        await _settle()
+        blocked = not second.done()
+        for i in range(3):
+            producer.deliver(f"a{i}".encode())
+        await asyncio.wait_for(second, 1)
+        await _settle()
+        await _stop(runner)
+        return blocked, acks
+
+    blocked, acks = asyncio.run(main())
+    assert blocked  # 3 in flight + 2 would pass 4
+    assert acks == ["a0", "a1", "a2", "b0", "b1"]
