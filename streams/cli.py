@@ -105,7 +105,7 @@ def serve_grpc(ctx: click.Context, port: int | None) -> None:
     registry = ModelRegistry(ModelRepository(settings.model_dir), providers, settings.intra_op_threads or None)
 
     async def serve() -> None:
-        server = GrpcServer(registry, settings.web_host, port)
+        server = GrpcServer(registry, settings.web_host, port, settings=settings)  # --config's limits too
         await server.start()
         click.echo(json.dumps({"grpc": f"{settings.web_host}:{server.port}", "model_dir": settings.model_dir}), err=True)
         stop = asyncio.Event()

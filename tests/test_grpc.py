@@ -171,6 +171,29 @@ def test_serve_grpc_command_serves_the_repository_until_sigterm(tiny_repo, tmp_p
     assert f"127.0.0.1:{port}" in stderr
 
 
+def test_serve_grpc_command_applies_the_limits_of_its_config_file(tiny_repo, tmp_path):
+    config = tmp_path / "inferstream.yaml"
+    config.write_text(f"model_dir: {tiny_repo}\ndata_dir: {tmp_path}\nmax_message_bytes: 20000\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERSTREAM_")}  # the file alone decides
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "--config", str(config), "serve-grpc", "--port", str(port)],
+                            env=env, cwd=Path(__file__).resolve().parent.parent, stderr=subprocess.PIPE, text=True)
+    small, big = request(batch(1, 0)), request(batch(5, 0))  # 12 KiB and 60 KiB of pixels
+    assert small.ByteSize() < 20000 < big.ByteSize()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            assert stub.Predict(small, timeout=30).model == "tiny"
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Predict(big, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # the file's 20,000, not the default 1 MB
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+
+
 # ------------------------------------------------------------------------------- limits, deadlines
 def expand_model(root: Path, width: int) -> None:
     """`expand`: out = tile(x, width) -> (N, width) float32 from (N, 1): a response far larger than its request."""
