@@ -6,7 +6,9 @@ across batches when it does not fit. Each caller gets back exactly the results f
 submitted, matched by position inside the batch, never by arrival order.
 
 The model's own thread pulls the batches: it waits for items, forms a batch, runs it and hands the
-results back to the event loop, then takes the next batch at once. The model never waits for the
+results back to the event loop, then takes the next batch at once. How many items a batch takes and
+how long it waits for them is the `BatchController`'s call (operators/batch_control.py): fixed limits,
+or steered to a latency target from the batch costs it has seen. The model never waits for the
 event loop (measured: when the loop dispatched each batch, a busy loop kept the toxicity model idle
 two thirds of the time), and the loop never blocks on the model. Cost per batch, not per item: one
 future per submission, one hand-back per submission and batch.
@@ -22,6 +24,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
+
+from operators.batch_control import BatchController
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,8 @@ class BatchStats:
     seconds: float = 0.0
     batches: int = 0
     items: int = 0
+    waited: float = 0.0  # seconds the batch was held for more items after its first one
+    late: int = 0  # items whose time in the batcher passed the controller's target
 
 
 @dataclass(eq=False)
@@ -55,6 +61,7 @@ class _Submission:
     items: Sequence[Any]
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    arrived: float = 0.0  # on the controller's clock
     results: list[Any] = field(default_factory=list)
     taken: int = 0  # items[:taken] are in a batch already
     open: int = 0  # items without a result yet
@@ -81,7 +88,8 @@ class MicroBatcher(Generic[In, Out]):
     a batch of several items, each item is re-run alone so one poisoned record fails by itself and the
     others still get results (`isolate_failures`). An item that fails alone is a `BatchFailed`: raised
     by `submit`, returned in its place by `submit_many`. `on_batch(size, seconds)` is called from the
-    model's thread after each batch.
+    model's thread after each batch. Without a `controller` the limits are fixed (`max_batch_size`,
+    `max_wait_s`); with one, they are the controller's (and these two arguments are ignored).
     """
 
     def __init__(
@@ -92,14 +100,10 @@ class MicroBatcher(Generic[In, Out]):
         name: str = "batcher",
         isolate_failures: bool = True,
         on_batch: Callable[[int, float], None] | None = None,
+        controller: BatchController | None = None,
     ) -> None:
-        if max_batch_size < 1:
-            raise ValueError("max_batch_size must be >= 1")
-        if max_wait_s < 0:
-            raise ValueError("max_wait_s must be >= 0")
+        self.controller = controller or BatchController(max_batch_size, max_wait_s, adaptive=False)
         self.run_batch = run_batch
-        self.max_batch_size = max_batch_size
-        self.max_wait_s = max_wait_s
         self.name = name
         self.isolate_failures = isolate_failures
         self.on_batch = on_batch
@@ -109,6 +113,22 @@ class MicroBatcher(Generic[In, Out]):
         self._waiting_items = 0  # items queued and not yet taken into a batch
         self._thread: threading.Thread | None = None
         self._closed = False
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.controller.max_batch_size
+
+    @max_batch_size.setter
+    def max_batch_size(self, value: int) -> None:
+        self.controller.max_batch_size = value
+
+    @property
+    def max_wait_s(self) -> float:
+        return self.controller.max_wait_s
+
+    @max_wait_s.setter
+    def max_wait_s(self, value: float) -> None:
+        self.controller.max_wait_s = value
 
     @property
     def queue_depth(self) -> int:
@@ -132,6 +152,8 @@ class MicroBatcher(Generic[In, Out]):
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"{self.name}: the batcher is closed")
+            submission.arrived = self.controller.clock()
+            self.controller.arrived(len(items))
             self._lanes[lane].append(submission)
             self._waiting_items += len(items)
             if self._thread is None:
@@ -147,35 +169,48 @@ class MicroBatcher(Generic[In, Out]):
             started = time.perf_counter()
             try:
                 results = self._run_checked(items)
+                seconds: float | None = time.perf_counter() - started
             except Exception as exc:  # the whole batch failed: find the culprit(s)
-                results = self._one_by_one(items, exc)
-            else:
-                self._record(len(items), time.perf_counter() - started)
+                results, seconds = self._one_by_one(items, exc), None
+            self.stats.late = self.controller.completed([(sub.arrived, end - start) for sub, start, end in parts])
+            if seconds is not None:
+                self._record(len(items), seconds)
             position = 0
             for sub, start, end in parts:
                 sub.hand_back(start, results[position : position + end - start])
                 position += end - start
 
     def _collect(self) -> list[tuple[_Submission, int, int]] | None:
-        """The next batch as (submission, start, end) parts: waits for a first item, then up to
-        `max_wait_s` for more until `max_batch_size`. None once closed."""
+        """The next batch as (submission, start, end) parts: waits for a first item, then takes items
+        until the controller's `max_items` or its deadline (fixed: `max_wait_s` after the first item,
+        up to `max_batch_size`). None once closed."""
+        clock = self.controller.clock
         with self._lock:
             while not self._waiting_items and not self._closed:
                 self._lock.wait()
             if self._closed:
                 return None
             parts: list[tuple[_Submission, int, int]] = []
-            size = self._take(parts, self.max_batch_size)
-            deadline = time.monotonic() + self.max_wait_s
-            while size < self.max_batch_size and not self._closed:
-                if self._waiting_items:
-                    size += self._take(parts, self.max_batch_size - size)
+            started = clock()
+            size = 0
+            while not self._closed:
+                plan = self.controller.plan(size + self._waiting_items, self._oldest_arrival(parts, started), started)
+                if size < plan.max_items and self._waiting_items:
+                    size += self._take(parts, plan.max_items - size)
                     continue
-                remaining = deadline - time.monotonic()
+                if size >= plan.max_items:
+                    break
+                remaining = plan.deadline - clock()
                 if remaining <= 0:
                     break
                 self._lock.wait(remaining)
+            self.stats.waited = clock() - started
             return parts
+
+    def _oldest_arrival(self, parts: list[tuple[_Submission, int, int]], default: float) -> float:
+        """When the oldest item of this batch or of the queue arrived (lock held); lanes are FIFO."""
+        fronts = [sub.arrived for sub, _, _ in parts] + [lane[0].arrived for lane in self._lanes if lane]
+        return min(fronts, default=default)
 
     def _take(self, parts: list[tuple[_Submission, int, int]], room: int) -> int:
         """Move up to `room` queued items into `parts`, lane by lane; returns how many (lock held)."""
@@ -222,6 +257,7 @@ class MicroBatcher(Generic[In, Out]):
         self.stats.size, self.stats.seconds = size, seconds
         self.stats.batches += 1
         self.stats.items += size
+        self.controller.observe(size, seconds)
         if self.on_batch is not None:
             self.on_batch(size, seconds)
 

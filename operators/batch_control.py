@@ -1,0 +1,197 @@
+"""Batching that steers itself: how many items the next batch takes and how long it waits for them.
+
+A `BatchController` serves one model version's `MicroBatcher`. It learns what a batch costs,
+`seconds = a + b * n`, by least squares over the last `window` batches (refitted every
+`refit_every` batches), and decides each batch against a latency target for the time a record
+spends in the batcher (queued, waiting, run):
+
+- warm-up (fewer than `warm_up` batches seen) or `adaptive=False`: the fixed rule, up to
+  `max_batch_size` items, waiting up to `max_wait_s` after the first one;
+- backlog (items queued >= `max_batch_size`, or a consumer-lag hint of as many records): take up to
+  `max_batch_size`, the throughput-optimal size (cost per item a/n + b falls with n);
+- otherwise the smallest batch that keeps the model busy at most `max_utilisation` of the time at
+  the arrival rate seen (`rate * (a/n + b) <= max_utilisation`); at low load that is one item,
+  dispatched at once;
+- wait for the wanted size only while the arrival rate can fill it before the oldest item's latest
+  dispatch time (`oldest arrival + target - cost(batch)`); dispatch at once otherwise;
+- never take more items than keep the oldest item's expected completion within the target, when
+  that is reachable (under a backlog throughput comes first).
+
+Pure: no threads, no Kafka, no asyncio; the clock is a parameter so tests simulate time. Not
+thread-safe by itself: `MicroBatcher` calls it under its lock (`observe` from the model's thread only).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+DEFAULT_TARGET_S = 0.1  # batching.target_p99_ms: 100 ms, frames-scale models (a detector's batch is tens of ms)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Take up to `max_items` into the batch; dispatch it once full or at `deadline` (controller clock)."""
+
+    max_items: int
+    deadline: float
+
+
+class BatchController:
+    """Chooses each batch's size and wait for one model version (rules in the module docstring).
+
+    >>> t = [0.0]
+    >>> c = BatchController(max_batch_size=8, max_wait_s=0.005, target_s=0.05, clock=lambda: t[0], warm_up=2)
+    >>> c.plan(in_hand=1, oldest_arrival=0.0, started=0.0)  # warm-up: the fixed rule
+    Plan(max_items=8, deadline=0.005)
+    >>> for _ in range(4):
+    ...     c.observe(1, 0.002); c.observe(4, 0.005)
+    >>> round(c.cost[0], 6), round(c.cost[1], 6)
+    (0.001, 0.001)
+    >>> c.plan(in_hand=1, oldest_arrival=0.0, started=0.0)  # nothing arrives: no waiting for nothing
+    Plan(max_items=8, deadline=0.0)
+    """
+
+    def __init__(
+        self,
+        max_batch_size: int = 16,
+        max_wait_s: float = 0.005,
+        target_s: float = DEFAULT_TARGET_S,
+        adaptive: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        window: int = 64,
+        warm_up: int = 16,
+        refit_every: int = 8,
+        max_utilisation: float = 0.7,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if max_wait_s < 0:
+            raise ValueError("max_wait_s must be >= 0")
+        if target_s <= 0:
+            raise ValueError("target_s must be > 0")
+        if not 0 < max_utilisation <= 1:
+            raise ValueError("max_utilisation must be in (0, 1]")
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.target_s = target_s
+        self.adaptive = adaptive
+        self.clock = clock
+        self.warm_up = max(warm_up, 1)
+        self.refit_every = max(refit_every, 1)
+        self.max_utilisation = max_utilisation
+        self.cost: tuple[float, float] | None = None  # fitted (a, b): seconds = a + b * n; None during warm-up
+        self.late = 0  # records whose time in the batcher passed the target
+        self.last_plan: Plan | None = None
+        self._batches: deque[tuple[int, float]] = deque(maxlen=max(window, 2))
+        self._arrivals: deque[tuple[float, int]] = deque(maxlen=max(window, 2))
+        self._seen = 0
+        self._lag = 0
+
+    # ------------------------------------------------------------------------------ what it learns
+    def observe(self, size: int, seconds: float) -> None:
+        """One batch of `size` items ran in `seconds`."""
+        self._batches.append((size, seconds))
+        self._seen += 1
+        if self._seen >= self.warm_up and (self.cost is None or self._seen % self.refit_every == 0):
+            self.cost = fit_cost(self._batches)
+
+    def arrived(self, count: int) -> None:
+        """`count` items were submitted now (for the arrival rate)."""
+        self._arrivals.append((self.clock(), count))
+
+    def backlog_hint(self, records: int) -> None:
+        """Records known to be waiting upstream (consumer lag); >= `max_batch_size` counts as a backlog."""
+        self._lag = max(int(records), 0)
+
+    def completed(self, arrivals: list[tuple[float, int]], now: float | None = None) -> int:
+        """A batch finished: `arrivals` are (arrival time, item count) of its parts. Counts and returns
+        the items whose time in the batcher passed the target."""
+        now = self.clock() if now is None else now
+        late = sum(count for arrived, count in arrivals if now - arrived > self.target_s)
+        self.late += late
+        return late
+
+    def arrival_rate(self, now: float | None = None) -> float:
+        """Items per second over the recent submissions (falls as the queue goes quiet)."""
+        if len(self._arrivals) < 2:
+            return 0.0
+        now = self.clock() if now is None else now
+        first_time, first_count = self._arrivals[0]
+        span = now - first_time
+        items = sum(count for _, count in self._arrivals) - first_count
+        return items / span if span > 0 else math.inf
+
+    # ------------------------------------------------------------------------------ what it decides
+    def expected_seconds(self, n: int) -> float:
+        """The fitted cost of a batch of n (0 before the fit)."""
+        if self.cost is None:
+            return 0.0
+        a, b = self.cost
+        return a + b * n
+
+    def plan(self, in_hand: int, oldest_arrival: float, started: float) -> Plan:
+        """The next batch's limits, given `in_hand` items available for it (taken or queued), the
+        oldest one's arrival time and when collecting this batch began (all on the controller's clock)."""
+        if not self.adaptive or self.cost is None:
+            plan = Plan(self.max_batch_size, started + self.max_wait_s)
+        else:
+            plan = self._steer(in_hand, oldest_arrival, self.clock())
+        self.last_plan = plan
+        return plan
+
+    def _steer(self, in_hand: int, oldest_arrival: float, now: float) -> Plan:
+        a, b = self.cost  # type: ignore[misc]
+        top = self.max_batch_size
+        budget = oldest_arrival + self.target_s - now  # what the oldest item has left
+        backlog = in_hand >= top or self._lag >= top
+        if backlog:
+            limit = want = top
+        else:
+            # largest batch the oldest item can still afford; none affordable: the target is out of reach
+            affordable = math.floor((budget - a) / b) if b > 0 else (top if budget >= a else 0)
+            limit = min(top, affordable) if affordable >= 1 else top
+            want = min(limit, self._size_to_keep_up(a, b, now))
+        if in_hand >= want:
+            return Plan(limit, now)
+        rate = self.arrival_rate(now)
+        fill = (want - in_hand) / rate if rate > 0 else math.inf
+        latest = oldest_arrival + self.target_s - (a + b * want)
+        if now + fill > latest:  # waiting cannot fill the batch in time
+            return Plan(limit, now)
+        return Plan(limit, now + fill)
+
+    def _size_to_keep_up(self, a: float, b: float, now: float) -> int:
+        """Smallest n with rate * (a/n + b) <= max_utilisation (the model keeps headroom); at low load 1."""
+        rate = self.arrival_rate(now)
+        spare = self.max_utilisation - rate * b
+        if spare <= 0:
+            return self.max_batch_size
+        return max(1, min(self.max_batch_size, math.ceil(rate * a / spare - 1e-9)))
+
+
+def fit_cost(batches) -> tuple[float, float]:
+    """Least-squares (a, b) of seconds = a + b * n over (n, seconds) pairs, both kept >= 0.
+    With a single batch size the split is unknown: all of the cost goes to b (the cautious guess,
+    bigger batches are not assumed cheap).
+
+    >>> fit_cost([(1, 0.003), (2, 0.004), (4, 0.006)])
+    (0.002, 0.001)
+    """
+    pairs = list(batches)
+    count = len(pairs)
+    mean_n = sum(n for n, _ in pairs) / count
+    mean_s = sum(s for _, s in pairs) / count
+    var_n = sum((n - mean_n) ** 2 for n, _ in pairs)
+    if var_n == 0:
+        return 0.0, mean_s / mean_n
+    b = sum((n - mean_n) * (s - mean_s) for n, s in pairs) / var_n
+    a = mean_s - b * mean_n
+    if b < 0:  # noise: bigger batches looked cheaper; cost is flat
+        return mean_s, 0.0
+    if a < 0:  # through the origin
+        return 0.0, sum(n * s for n, s in pairs) / sum(n * n for n, _ in pairs)
+    return round(a, 12), round(b, 12)
