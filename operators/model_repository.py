@@ -35,6 +35,8 @@ class ModelConfig:
     labels_file: str | None = None
     max_batch_size: int = 16
     max_wait_ms: float = 5.0
+    adaptive_batching: bool = True  # batching.adaptive: steer size and wait to target_p99_ms (false: the fixed limits)
+    target_p99_ms: float = 100.0  # batching.target_p99_ms: time a record may spend in the batcher (queue, wait, run)
     providers: tuple[str, ...] = ("cuda", "cpu")
     device_id: int = 0
     intra_op_threads: int = 0
@@ -91,6 +93,8 @@ class ModelConfig:
             labels_file=raw.get("labels"),
             max_batch_size=int(batching.get("max_batch_size", 16)),
             max_wait_ms=float(batching.get("max_wait_ms", 5.0)),
+            adaptive_batching=bool(batching.get("adaptive", True)),
+            target_p99_ms=float(batching.get("target_p99_ms", 100.0)),
             providers=tuple(runtime.get("providers", ("cuda", "cpu"))),
             device_id=int(runtime.get("device_id", 0)),
             intra_op_threads=int(runtime.get("intra_op_threads", 0)),
@@ -107,6 +111,8 @@ class ModelConfig:
         )
         if cfg.max_batch_size < 1 or cfg.max_wait_ms < 0:
             raise ModelConfigError(f"{path}: batching needs max_batch_size >= 1 and max_wait_ms >= 0")
+        if cfg.target_p99_ms <= 0:
+            raise ModelConfigError(f"{path}: batching.target_p99_ms must be > 0")
         if not cfg.model_path.exists():  # a file, or a directory for a SavedModel
             raise ModelConfigError(f"{path}: model file {cfg.file} is missing (run `make models`)")
         return cfg

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from operators.batch_control import BatchController
 from operators.batcher import MicroBatcher
 from operators.model_repository import LoadedModel, ModelConfigError, ModelRepository
 from operators.policy import PolicyError
@@ -543,7 +544,9 @@ class ModelRegistry:
             log.error("model %s failed to load: %s", ref, detail)
             raise LoadFailed(ref, detail) from exc
         cfg = model.config
-        batcher = MicroBatcher(operator.run_batch, cfg.max_batch_size, cfg.max_wait_ms / 1000, name=cfg.ref) if operator else None
+        controller = BatchController(cfg.max_batch_size, cfg.max_wait_ms / 1000, target_s=cfg.target_p99_ms / 1000,
+                                     adaptive=cfg.adaptive_batching)
+        batcher = MicroBatcher(operator.run_batch, name=cfg.ref, controller=controller) if operator else None
         stage = Stage(cfg.ref, model, operator, batcher)
         self.errors.pop(ref, None)
         self._failed.pop(ref, None)

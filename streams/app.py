@@ -136,10 +136,24 @@ def model_metrics() -> RegistryHooks:
             return
         inference = metrics.INFERENCE.labels(cfg.name, cfg.version)
         sizes = metrics.BATCH_SIZE.labels(cfg.name, cfg.version)
+        waits = metrics.BATCH_WAIT.labels(cfg.name, cfg.version)
+        limit = metrics.BATCH_LIMIT.labels(cfg.name, cfg.version)
+        late = metrics.BATCH_LATE.labels(cfg.name, cfg.version)
+        stats, controller = stage.batcher.stats, stage.batcher.controller
+        counted = [controller.late]
 
         def on_batch(size: int, seconds: float) -> None:
             inference.observe(seconds)
             sizes.observe(size)
+            waits.observe(stats.waited)
+            if controller.last_plan is not None:
+                limit.set(controller.last_plan.max_items)
+            if controller.late > counted[0]:  # by the controller's total: a failed batch's late records count too
+                late.inc(controller.late - counted[0])
+                counted[0] = controller.late
+            if controller.cost is not None:
+                for term, value in zip(("fixed", "per_record"), controller.cost, strict=True):
+                    metrics.BATCH_COST.labels(cfg.name, cfg.version, term).set(value)
 
         stage.batcher.on_batch = on_batch
         metrics.QUEUE_DEPTH.labels(cfg.name, cfg.version).set_function(lambda b=stage.batcher: b.queue_depth)
@@ -150,7 +164,10 @@ def model_metrics() -> RegistryHooks:
     def retired(stage: Stage) -> None:
         cfg = stage.model.config
         for gauge, labels in ((metrics.MODEL_INFO, (cfg.name, cfg.version, cfg.task, stage.model.session.provider)),
-                              (metrics.QUEUE_DEPTH, (cfg.name, cfg.version))):
+                              (metrics.QUEUE_DEPTH, (cfg.name, cfg.version)),
+                              (metrics.BATCH_LIMIT, (cfg.name, cfg.version)),
+                              (metrics.BATCH_COST, (cfg.name, cfg.version, "fixed")),
+                              (metrics.BATCH_COST, (cfg.name, cfg.version, "per_record"))):
             try:
                 gauge.remove(*labels)
             except KeyError:

@@ -31,6 +31,14 @@ INFERENCE = Histogram("inferstream_inference_latency_seconds", "One batch throug
                       ["model", "version"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
 BATCH_SIZE = Histogram("inferstream_batch_size_records", "Records per model batch", ["model", "version"],
                        buckets=BATCH_BUCKETS, registry=REGISTRY)
+BATCH_WAIT = Histogram("inferstream_batch_wait_seconds", "How long a model batch was held for more records after its first one",
+                       ["model", "version"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
+BATCH_LIMIT = Gauge("inferstream_batch_limit_records", "Records the batch controller let the last batch take",
+                    ["model", "version"], registry=REGISTRY)
+BATCH_COST = Gauge("inferstream_batch_cost_seconds", "Fitted batch cost seconds = fixed + per_record * n (term: fixed, "
+                   "per_record; absent during the controller's warm-up)", ["model", "version", "term"], registry=REGISTRY)
+BATCH_LATE = Counter("inferstream_batch_late_records_total", "Records whose time in the batcher (queue, wait, run) passed "
+                     "the model's batching.target_p99_ms", ["model", "version"], registry=REGISTRY)
 QUEUE_DEPTH = Gauge("inferstream_batcher_queue_depth_records", "Records waiting for a model batch",
                     ["model", "version"], registry=REGISTRY)
 IN_FLIGHT = Gauge("inferstream_in_flight_records", "Records consumed but not yet acked (decoding, inferring, delivering)",
