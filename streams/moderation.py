@@ -21,7 +21,7 @@ from typing import Any
 
 from operators.batcher import SYNC
 from operators.errors import BadInput
-from operators.images import ImageLimits, decode_image, decode_source
+from operators.images import ImageLimits, decode_source
 from operators.moderation import Assignment, ModelFailed, Moderator
 from streams import metrics
 from streams.config import Settings
@@ -243,7 +243,8 @@ class ModerationPipeline:
         with self.moderator.assign(post["id"], shadows=False) as assignment:
             def prepare():
                 image = post.get("image")
-                rgb = decode_image(image["data"], image["encoding"], limits=self.limits) if image else None
+                rgb = decode_source(image["data"], image["encoding"], None, None, self.limits,
+                                    self._reduction(assignment)) if image else None
                 return self.moderator.prepare(text=post["text"] or None, image=rgb, assignment=assignment)
 
             items = await self._in_thread(prepare)
