@@ -31,6 +31,7 @@ test: models
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: models
+	$(BIN)/python bench/record_path.py
 	$(BIN)/python bench/frames_throughput.py
 	$(BIN)/python bench/models_throughput.py
 	$(BIN)/python bench/events_throughput.py
