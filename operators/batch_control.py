@@ -8,14 +8,15 @@ spends in the batcher (queued, waiting, run):
 - warm-up (fewer than `warm_up` batches seen) or `adaptive=False`: the fixed rule, up to
   `max_batch_size` items, waiting up to `max_wait_s` after the first one;
 - backlog (items queued >= `max_batch_size`, or a consumer-lag hint of as many records): take up to
-  `max_batch_size`, the throughput-optimal size (cost per item a/n + b falls with n);
+  `max_batch_size`, the throughput-optimal size (cost per item a/n + b falls with n), and with a lag
+  hint wait for a full batch when the arrival rate fills it in time;
 - otherwise the smallest batch that keeps the model busy at most `max_utilisation` of the time at
   the arrival rate seen (`rate * (a/n + b) <= max_utilisation`); at low load that is one item,
   dispatched at once;
 - wait for the wanted size only while the arrival rate can fill it before the oldest item's latest
   dispatch time (`oldest arrival + target - cost(batch)`); dispatch at once otherwise;
 - never take more items than keep the oldest item's expected completion within the target, when
-  that is reachable (under a backlog throughput comes first).
+  that is reachable (with a consumer-lag backlog, records are late upstream already: throughput first).
 
 Pure: no threads, no Kafka, no asyncio; the clock is a parameter so tests simulate time. Not
 thread-safe by itself: `MicroBatcher` calls it under its lock (`observe` from the model's thread only).
@@ -147,12 +148,13 @@ class BatchController:
         a, b = self.cost  # type: ignore[misc]
         top = self.max_batch_size
         budget = oldest_arrival + self.target_s - now  # what the oldest item has left
-        backlog = in_hand >= top or self._lag >= top
-        if backlog:
+        # largest batch the oldest item can still afford; none affordable: the target is out of reach
+        affordable = math.floor((budget - a) / b) if b > 0 else (top if budget >= a else 0)
+        if self._lag >= top:  # records are late upstream already: throughput first
             limit = want = top
+        elif in_hand >= top:
+            limit = want = min(top, affordable) if affordable >= 1 else top
         else:
-            # largest batch the oldest item can still afford; none affordable: the target is out of reach
-            affordable = math.floor((budget - a) / b) if b > 0 else (top if budget >= a else 0)
             limit = min(top, affordable) if affordable >= 1 else top
             want = min(limit, self._size_to_keep_up(a, b, now))
         if in_hand >= want:

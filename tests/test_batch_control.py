@@ -1,0 +1,339 @@
+"""BatchController: cost fit, per-batch size and wait against a latency target, fixed mode.
+
+Deterministic: a simulated clock and a simulated cost function drive the controller through the same
+collect loop as MicroBatcher (take what is queued up to max_items, wait until the deadline or the next
+arrival, run); one test goes through the real MicroBatcher with a run_batch that costs a + b*n.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from operators.batch_control import BatchController, Plan, fit_cost
+from operators.batcher import MicroBatcher
+from streams import metrics
+from streams.app import model_metrics
+
+A, B = 0.004, 0.001  # simulated model: a batch of n costs 4 ms + 1 ms per item
+MAX = 16
+TARGET = 0.05
+
+
+def cost(n: int) -> float:
+    return A + B * n
+
+
+class SimClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Batch:
+    dispatched: float
+    size: int
+    oldest: float  # arrival of its oldest item
+    plan: Plan
+
+
+@dataclass
+class Run:
+    batches: list[Batch] = field(default_factory=list)
+    latencies: list[tuple[float, float]] = field(default_factory=list)  # (arrival, seconds arrival -> result)
+
+
+def simulate(controller: BatchController, clock: SimClock, arrivals: list[float], cost=cost) -> Run:
+    """One model thread serving `arrivals` (sorted times) the way MicroBatcher._collect does."""
+    run, queue, pending = Run(), deque(), deque(arrivals)
+
+    def admit_until(t: float) -> None:
+        while pending and pending[0] <= t:
+            clock.now = pending.popleft()
+            queue.append(clock.now)
+            controller.arrived(1)
+        clock.now = max(clock.now, t)
+
+    while pending or queue:
+        if not queue:
+            admit_until(pending[0])
+        started, taken, plan = clock.now, [], None
+        while True:
+            oldest = min(taken[:1] + list(queue)[:1], default=started)
+            plan = controller.plan(len(taken) + len(queue), oldest, started)
+            if len(taken) < plan.max_items and queue:
+                while queue and len(taken) < plan.max_items:
+                    taken.append(queue.popleft())
+                continue
+            if len(taken) >= plan.max_items or clock.now >= plan.deadline:
+                break
+            admit_until(min(plan.deadline, pending[0]) if pending else plan.deadline)
+        run.batches.append(Batch(clock.now, len(taken), taken[0], plan))
+        seconds = cost(len(taken))
+        admit_until(clock.now + seconds)
+        controller.observe(len(taken), seconds)
+        controller.completed([(t, 1) for t in taken])
+        run.latencies += [(t, clock.now - t) for t in taken]
+    return run
+
+
+def poisson(rate: float, seconds: float, seed: int, start: float = 0.0) -> list[float]:
+    gaps = np.random.default_rng(seed).exponential(1 / rate, int(rate * seconds * 2))
+    times = start + np.cumsum(gaps)
+    return [float(t) for t in times[times < start + seconds]]
+
+
+def warmed(clock: SimClock, warm_up: int = 8, **kwargs) -> BatchController:
+    """A controller that has seen `warm_up` batches of sizes 1..8 at the simulated cost."""
+    controller = BatchController(MAX, 0.005, target_s=TARGET, clock=clock, warm_up=warm_up, **kwargs)
+    for n in range(1, warm_up + 1):
+        controller.observe(n, cost(n))
+    return controller
+
+
+# ------------------------------------------------------------------------------------------ the fit
+def test_fit_recovers_a_and_b_of_noisy_batch_costs():
+    rng = np.random.default_rng(7)
+    sizes = rng.integers(1, 33, 64)
+    seconds = 0.012 + 0.0025 * sizes + rng.normal(0, 0.0003, sizes.size)
+    a, b = fit_cost(zip(sizes.tolist(), seconds.tolist(), strict=True))
+    b_np, a_np = np.polyfit(sizes, seconds, 1)  # outside oracle: numpy's least squares
+    assert (a, b) == pytest.approx((a_np, b_np), rel=1e-6)
+    assert a == pytest.approx(0.012, abs=0.0005) and b == pytest.approx(0.0025, abs=0.00005)
+
+
+def test_controller_refits_over_a_window_of_recent_batches():
+    clock = SimClock()
+    controller = BatchController(MAX, 0.005, clock=clock, window=32, warm_up=16, refit_every=8)
+    for i in range(15):
+        controller.observe(i % 8 + 1, 0.010 + 0.002 * (i % 8 + 1))
+    assert controller.cost is None  # still warming up
+    controller.observe(8, 0.026)
+    assert controller.cost == pytest.approx((0.010, 0.002))
+    for i in range(64):  # the model got faster (e.g. another model left the cores): the old batches age out
+        controller.observe(i % 8 + 1, 0.003 + 0.001 * (i % 8 + 1))
+    assert controller.cost == pytest.approx((0.003, 0.001))
+
+
+def test_a_single_batch_size_charges_all_cost_per_item():
+    assert fit_cost([(1, 0.005)] * 10) == pytest.approx((0.0, 0.005))
+
+
+def test_noise_never_makes_a_cost_term_negative():
+    a, b = fit_cost([(1, 0.010), (2, 0.009), (3, 0.008)])
+    assert a >= 0 and b >= 0
+    a, b = fit_cost([(1, 0.001), (2, 0.004), (3, 0.007)])
+    assert a >= 0 and b >= 0
+
+
+# ------------------------------------------------------------------------------------------ steering
+def test_during_warm_up_the_controller_uses_the_fixed_limits():
+    clock = SimClock()
+    controller = BatchController(MAX, 0.005, target_s=TARGET, clock=clock, warm_up=4)
+    for n in range(3):
+        clock.now = 1.0 + n
+        assert controller.plan(1, clock.now, clock.now) == Plan(MAX, clock.now + 0.005)
+        controller.observe(n + 1, cost(n + 1))
+
+
+def test_at_low_load_a_lone_item_is_dispatched_at_once():
+    clock = SimClock()
+    controller = warmed(clock)
+    run = simulate(controller, clock, poisson(rate=5, seconds=20, seed=1))
+    assert len(run.batches) > 50
+    assert all(b.plan.deadline == b.dispatched for b in run.batches)  # never held for company
+    assert np.median([b.size for b in run.batches]) == 1
+    assert np.median([seconds for _, seconds in run.latencies]) == pytest.approx(cost(1))
+
+
+def test_with_a_backlog_batches_grow_to_the_maximum():
+    clock = SimClock()
+    controller = warmed(clock)
+    capacity = MAX / cost(MAX)  # items/s at full batches: 800
+    run = simulate(controller, clock, poisson(rate=1.5 * capacity, seconds=2, seed=2))
+    later = run.batches[len(run.batches) // 4 : -1]  # the last one takes what is left
+    assert {b.size for b in later} == {MAX}
+    assert all(b.plan.max_items == MAX for b in later)
+
+
+def test_a_consumer_lag_hint_makes_the_batcher_wait_to_fill_a_full_batch():
+    clock = SimClock()
+    controller = warmed(clock)
+    for i in range(40):  # 400 items/s: batches of 6 keep the model busy at most 70% of the time
+        clock.now = i * 0.0025
+        controller.arrived(1)
+    oldest = clock.now - 0.001
+    assert controller.plan(8, oldest, clock.now) == Plan(MAX, clock.now)
+    controller.backlog_hint(5000)
+    plan = controller.plan(8, oldest, clock.now)  # 8 more items take 20 ms; the oldest can wait 29 ms
+    assert plan.max_items == MAX
+    assert plan.deadline == pytest.approx(clock.now + (MAX - 8) / controller.arrival_rate())
+    controller.backlog_hint(0)
+    assert controller.plan(8, oldest, clock.now).deadline == clock.now
+
+
+def test_waiting_that_cannot_fill_the_batch_in_time_dispatches_at_once():
+    clock = SimClock()
+    controller = warmed(clock)
+    controller.backlog_hint(5000)
+    for i in range(40):  # 100 items/s: 14 more items would take 140 ms, the target is 50 ms
+        clock.now = i * 0.01
+        controller.arrived(1)
+    assert controller.plan(2, clock.now, clock.now).deadline == clock.now
+
+
+@pytest.mark.parametrize("rate", [50, 200, 400, 600])
+def test_no_item_passes_the_target_when_it_is_reachable(rate):
+    clock = SimClock()
+    controller = warmed(clock)
+    run = simulate(controller, clock, poisson(rate=rate, seconds=5, seed=rate))
+    worst = max(seconds for _, seconds in run.latencies)
+    assert worst <= TARGET + 1e-9
+    assert controller.late == 0
+    for b in run.batches:  # each dispatch keeps its oldest item's expected completion within the target
+        assert b.dispatched + controller.expected_seconds(b.size) - b.oldest <= TARGET + 1e-9
+
+
+def test_busier_load_gets_bigger_batches_below_the_maximum():
+    sizes = {}
+    for rate in (100, 600):
+        clock = SimClock()
+        run = simulate(warmed(clock), clock, poisson(rate=rate, seconds=5, seed=3))
+        sizes[rate] = float(np.mean([b.size for b in run.batches[20:]]))
+    assert sizes[100] < sizes[600] < MAX
+    assert sizes[100] < 1.5
+
+
+def test_an_oldest_item_close_to_the_target_limits_the_batch_to_what_it_can_afford():
+    clock = SimClock()
+    controller = warmed(clock)
+    clock.now = 1.0
+    # the oldest arrived 40 ms ago: 10 ms left, a batch of n costs 4 + n ms, so at most 6 items
+    plan = controller.plan(10, oldest_arrival=0.96, started=1.0)
+    assert plan.max_items == 6
+    assert plan.deadline == clock.now
+
+
+def test_a_target_out_of_reach_serves_full_batches():
+    clock = SimClock()
+    controller = warmed(clock)
+    clock.now = 1.0
+    assert controller.plan(10, oldest_arrival=0.9, started=1.0).max_items == MAX
+
+
+def test_late_records_are_counted():
+    clock = SimClock()
+    controller = warmed(clock)
+    clock.now = 1.0
+    assert controller.completed([(0.99, 3), (0.9, 2), (0.5, 4)]) == 6
+    assert controller.late == 6
+
+
+# ------------------------------------------------------------------------------------------ fixed mode
+def _old_rule(started: float, max_wait_s: float) -> Plan:
+    """MicroBatcher before the controller: up to max_batch_size, max_wait_s after the first item."""
+    return Plan(MAX, started + max_wait_s)
+
+
+def _old_rule_batches(arrivals: list[float], max_wait_s: float) -> list[tuple[float, int]]:
+    """(dispatch time, size) of each batch under the old rule, computed on its own."""
+    batches, i, free = [], 0, 0.0
+    while i < len(arrivals):
+        started = max(free, arrivals[i])
+        deadline = started + max_wait_s
+        in_time = [t for t in arrivals[i : i + MAX] if t <= deadline]
+        size = len(in_time)
+        dispatched = max(started, in_time[-1]) if size == MAX else deadline
+        batches.append((dispatched, size))
+        free, i = dispatched + cost(size), i + size
+    return batches
+
+
+def test_fixed_mode_equals_the_old_rule_whatever_it_has_seen():
+    clock = SimClock()
+    controller = BatchController(MAX, 0.005, target_s=TARGET, adaptive=False, clock=clock, warm_up=2)
+    for n in range(1, 40):
+        controller.observe(n % MAX + 1, cost(n % MAX + 1))
+        controller.arrived(n)
+    controller.backlog_hint(10_000)
+    for in_hand, age, started in [(1, 0.0, 5.0), (3, 0.2, 7.0), (40, 1.0, 9.0), (0, 0.0, 2.0)]:
+        clock.now = started + 0.001
+        assert controller.plan(in_hand, started - age, started) == _old_rule(started, 0.005)
+
+
+def test_fixed_mode_batches_match_the_old_rule_in_simulation():
+    clock = SimClock()
+    controller = BatchController(MAX, 0.005, adaptive=False, clock=clock)
+    arrivals = poisson(rate=600, seconds=3, seed=4)
+    run = simulate(controller, clock, arrivals)
+    expected = _old_rule_batches(arrivals, 0.005)
+    assert [b.size for b in run.batches] == [size for _, size in expected]
+    assert [b.dispatched for b in run.batches] == pytest.approx([t for t, _ in expected])
+    sizes = {size for _, size in expected}
+    assert MAX in sizes and min(sizes) < MAX  # both ways of closing a batch happened: full, and the wait over
+
+
+# ------------------------------------------------------------------------------------------ the real batcher
+def _latencies(batcher: MicroBatcher, gaps: list[float]) -> list[float]:
+    async def main():
+        async def one(i: int) -> float:
+            t0 = time.perf_counter()
+            assert await batcher.submit(i) == i
+            return time.perf_counter() - t0
+
+        tasks = []
+        try:
+            for gap in gaps:
+                tasks.append(asyncio.create_task(one(len(tasks))))
+                await asyncio.sleep(gap)  # the load generator's arrival process, not synchronisation
+            return await asyncio.gather(*tasks)
+        finally:
+            await batcher.close()
+
+    return asyncio.run(main())
+
+
+def test_micro_batcher_with_the_controller_keeps_p99_within_target_at_low_load():
+    def run_batch(items):
+        time.sleep(cost(len(items)))  # the simulated model's cost
+        return list(items)
+
+    gaps = np.random.default_rng(5).exponential(1 / 40, 80).tolist()  # 40 items/s, a 5th of a lone item's capacity
+    controller = BatchController(MAX, 0.02, target_s=TARGET, warm_up=4)
+    adaptive = _latencies(MicroBatcher(run_batch, controller=controller), gaps)
+    fixed = _latencies(MicroBatcher(run_batch, MAX, 0.02), gaps)
+    assert np.percentile(adaptive, 99) <= TARGET
+    assert controller.cost is not None
+    # a lone item is not held for company that does not come: the fixed batcher holds each for 20 ms
+    assert np.median(adaptive) < 0.015 < 0.02 <= np.median(fixed)
+
+
+def test_metrics_hook_reports_wait_limit_cost_and_late_records():
+    clock = SimClock()
+    controller = warmed(clock)
+    batcher = MicroBatcher(lambda items: items, controller=controller)
+    stage = SimpleNamespace(batcher=batcher, model=SimpleNamespace(
+        config=SimpleNamespace(name="sim", version="7", task="classify"), session=SimpleNamespace(provider="cpu")))
+    model_metrics().on_loaded(stage)
+    controller.plan(1, 0.0, 0.0)
+    controller.completed([(-1.0, 3)])  # 3 records waited a second
+    batcher.stats.waited = 0.002
+    batcher._record(4, 0.008)
+    value = metrics.REGISTRY.get_sample_value
+    labels = {"model": "sim", "version": "7"}
+    assert value("inferstream_batch_late_records_total", labels) == 3
+    assert value("inferstream_batch_wait_seconds_sum", labels) == pytest.approx(0.002)
+    assert value("inferstream_batch_limit_records", labels) == MAX
+    assert value("inferstream_batch_cost_seconds", {**labels, "term": "fixed"}) == pytest.approx(A)
+    assert value("inferstream_batch_cost_seconds", {**labels, "term": "per_record"}) == pytest.approx(B)
+    assert not math.isnan(value("inferstream_batch_cost_seconds", {**labels, "term": "fixed"}))
