@@ -88,7 +88,9 @@ class BatchController:
         self.late = 0  # records whose time in the batcher passed the target
         self.last_plan: Plan | None = None
         self._batches: deque[tuple[int, float]] = deque(maxlen=max(window, 2))
-        self._arrivals: deque[tuple[float, int]] = deque(maxlen=max(window, 2))
+        self._arrivals: deque[tuple[float, int]] = deque()
+        self._arrivals_kept = max(window, 2)
+        self._arrived_items = 0  # sum of the counts in _arrivals (plan() runs on every wake: no re-summing)
         self._seen = 0
         self._lag = 0
 
@@ -103,6 +105,9 @@ class BatchController:
     def arrived(self, count: int) -> None:
         """`count` items were submitted now (for the arrival rate)."""
         self._arrivals.append((self.clock(), count))
+        self._arrived_items += count
+        if len(self._arrivals) > self._arrivals_kept:
+            self._arrived_items -= self._arrivals.popleft()[1]
 
     def backlog_hint(self, records: int) -> None:
         """Records known to be waiting upstream (consumer lag); >= `max_batch_size` counts as a backlog."""
@@ -123,7 +128,7 @@ class BatchController:
         now = self.clock() if now is None else now
         first_time, first_count = self._arrivals[0]
         span = now - first_time
-        items = sum(count for _, count in self._arrivals) - first_count
+        items = self._arrived_items - first_count
         return items / span if span > 0 else math.inf
 
     # ------------------------------------------------------------------------------ what it decides

@@ -8,6 +8,7 @@ arrival, run); one test goes through the real MicroBatcher with a run_batch that
 from __future__ import annotations
 
 import asyncio
+import doctest
 import math
 import time
 from collections import deque
@@ -16,9 +17,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import yaml
+from tiny_models import write_tiny_repository
 
+from operators import batch_control
 from operators.batch_control import BatchController, Plan, fit_cost
 from operators.batcher import MicroBatcher
+from operators.model_repository import ModelConfig, ModelConfigError, ModelRepository
+from operators.registry import ModelRegistry
 from streams import metrics
 from streams.app import model_metrics
 
@@ -110,6 +116,21 @@ def test_fit_recovers_a_and_b_of_noisy_batch_costs():
     b_np, a_np = np.polyfit(sizes, seconds, 1)  # outside oracle: numpy's least squares
     assert (a, b) == pytest.approx((a_np, b_np), rel=1e-6)
     assert a == pytest.approx(0.012, abs=0.0005) and b == pytest.approx(0.0025, abs=0.00005)
+
+
+def test_docstring_examples_hold():
+    assert doctest.testmod(batch_control).failed == 0
+
+
+def test_arrival_rate_is_items_per_second_over_recent_submissions_and_falls_when_quiet():
+    clock = SimClock()
+    controller = BatchController(clock=clock, window=8)
+    for i in range(20):
+        clock.now = i * 0.01
+        controller.arrived(3)  # 300 items/s
+    assert controller.arrival_rate() == pytest.approx(300)
+    clock.now += 0.93  # a second after the 8 kept submissions began, none since
+    assert controller.arrival_rate() == pytest.approx(21)
 
 
 def test_controller_refits_over_a_window_of_recent_batches():
@@ -337,3 +358,33 @@ def test_metrics_hook_reports_wait_limit_cost_and_late_records():
     assert value("inferstream_batch_cost_seconds", {**labels, "term": "fixed"}) == pytest.approx(A)
     assert value("inferstream_batch_cost_seconds", {**labels, "term": "per_record"}) == pytest.approx(B)
     assert not math.isnan(value("inferstream_batch_cost_seconds", {**labels, "term": "fixed"}))
+
+
+# ------------------------------------------------------------------------------------------ config
+def _tiny_model(root, batching: dict):
+    directory = write_tiny_repository(root)
+    config = yaml.safe_load((directory / "config.yaml").read_text())
+    config["batching"].update(batching)
+    (directory / "config.yaml").write_text(yaml.safe_dump(config))
+    return directory
+
+
+def test_config_defaults_to_the_adaptive_controller_with_a_100_ms_target(tmp_path):
+    cfg = ModelConfig.load(write_tiny_repository(tmp_path))
+    assert cfg.adaptive_batching is True and cfg.target_p99_ms == 100.0
+
+
+@pytest.mark.parametrize("batching", [{"target_p99_ms": 0}, {"target_p99_ms": -5}])
+def test_a_target_that_is_not_positive_is_refused(tmp_path, batching):
+    with pytest.raises(ModelConfigError, match="target_p99_ms"):
+        ModelConfig.load(_tiny_model(tmp_path, batching))
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_the_registry_gives_each_version_a_controller_from_its_config(tmp_path, adaptive):
+    _tiny_model(tmp_path, {"adaptive": adaptive, "target_p99_ms": 40, "max_batch_size": 8, "max_wait_ms": 3})
+    stage = ModelRegistry(ModelRepository(tmp_path), warm_up=False)._load_stage("tiny@1")
+    controller = stage.batcher.controller
+    assert (controller.adaptive, controller.target_s, controller.max_batch_size, controller.max_wait_s) == (
+        adaptive, 0.04, 8, 0.003)
+    stage.batcher.discard()
