@@ -134,6 +134,15 @@ class Moderator:
         held = self.registry.lease([*stages.values(), *shadow_of.values()]) if lease else None
         return Assignment(key, stages, arms, shadow_of, held)
 
+    def assign_many(self, keys: Sequence[str | None], shadows: bool = True) -> list[Assignment]:
+        """`assign(key, lease=False)` for each key; when no model of the policy has an A/B split or a
+        shadow, no assignment depends on its key and the records share one (assigning per record was
+        5% of a busy worker's event loop)."""
+        routes = [self.registry.route(name) for name, pinned in self._model_of.values() if pinned is None]
+        if any(route.split or route.shadow for route in routes):
+            return [self.assign(key, lease=False, shadows=shadows) for key in keys]
+        return [self.assign(None, lease=False, shadows=shadows)] * len(keys)
+
     def lease(self, assignments: Iterable[Assignment]) -> Lease:
         """One lease on every stage (primary and shadow) of `assignments`: e.g. for a batch of records
         assigned with `lease=False`."""

@@ -49,7 +49,7 @@ class TextClassification:
 
     def as_dict(self) -> dict[str, float]:
         """{label: probability} for every class: what a moderation policy's text rule reads."""
-        return {label: round(score, 6) for label, score in zip(self.labels, self.scores, strict=True)}
+        return dict(zip(self.labels, self.scores, strict=True))
 
 
 def score_output(model, postprocess: dict[str, Any]) -> str:
@@ -129,4 +129,5 @@ class TextClassifier:
             raise FloatingPointError(f"model produced non-finite scores for batch rows {bad}")
         probs = softmax(scores.astype(np.float64)) if self.apply_softmax else scores.astype(np.float64)
         labels = tuple(self.labels) if self.labels else tuple(str(i) for i in range(scores.shape[1]))
-        return [TextClassification(labels, tuple(row.tolist()), cut) for row, cut in zip(probs, truncated, strict=True)]
+        rounded = np.round(probs, 6).tolist()  # once per batch: what verdicts carry (6 decimals)
+        return [TextClassification(labels, tuple(row), cut) for row, cut in zip(rounded, truncated, strict=True)]

@@ -148,20 +148,29 @@ class ModerationPipeline:
         record.image = (image["data"], image["encoding"], None, None) if image else None
         return post["id"]
 
-    def _open(self, record: _Record, read: Callable[[_Record], str]) -> _Record:
-        """Validate and assign model versions (on the event loop: assignment takes leases)."""
+    @staticmethod
+    def _open(record: _Record, read: Callable[[_Record], str]) -> _Record:
+        """Validate: the record's id and parts, or its failure."""
         try:
             record.record_id = read(record)
-            record.stage = "decode"
-            record.assignment = self.moderator.assign(record.record_id, lease=False, shadows=self.shadow_topic is not None)
         except Exception as exc:
             record.fail(exc)
         return record
 
+    def _assign(self, records: list[_Record]) -> None:
+        """Each valid record's model versions, by its id (on the event loop, where versions switch)."""
+        live = [r for r in records if r.failure is None]
+        for r, assignment in zip(live, self.moderator.assign_many([r.record_id for r in live],
+                                                                  shadows=self.shadow_topic is not None), strict=True):
+            r.assignment = assignment
+            r.stage = "decode"
+
     async def _handle(self, records: list[_Record]) -> list[list[Output]]:
-        # one lease for the batch on every version its records were assigned: none retires under them
-        lease = self.moderator.lease(r.assignment for r in records if r.assignment is not None)
+        lease = None
         try:
+            self._assign(records)
+            # one lease for the batch on every version its records were assigned: none retires under them
+            lease = self.moderator.lease(r.assignment for r in records if r.assignment is not None)
             await self._prepare(records)
             started = time.perf_counter()
             await self._judge(records)
@@ -173,7 +182,8 @@ class ModerationPipeline:
                     r.fail(exc)
             return self._finish(records, time.perf_counter())
         finally:
-            lease.release()
+            if lease is not None:
+                lease.release()
 
     async def _prepare(self, records: list[_Record]) -> None:
         """Decode images and preprocess for every model, in the decode threads: one hand-off per chunk

@@ -141,7 +141,7 @@ def _timestamp(record: dict[str, Any], field: str, required: bool) -> str | None
             raise BadInput("wrong_schema", f"{field!r} is required (ISO-8601 with timezone)")
         return None
     try:
-        parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        parsed = datetime.fromisoformat(value if isinstance(value, str) else str(value))  # "Z" included (3.11)
     except ValueError as exc:
         raise BadInput("wrong_schema", f"{field!r} is not an ISO-8601 timestamp: {value!r}") from exc
     if parsed.tzinfo is None:
