@@ -112,7 +112,9 @@ def _ordered_agent(app: faust.App, settings: Settings, topic_name: str, handle_b
         delivering = asyncio.ensure_future(acker.run())
         helper = asyncio.ensure_future(background()) if background else None
         try:
+            fetched = metrics.FETCHED_RECORDS.labels(settings.topic(topic_name))
             async for messages in batches_of(app, names):
+                fetched.observe(len(messages))
                 for i in range(0, len(messages), chunk):
                     part = messages[i : i + chunk]
                     await acker.add_batch(part, handle_batch([source_of(m) for m in part]))
@@ -176,29 +178,38 @@ def model_metrics() -> RegistryHooks:
     return RegistryHooks(on_loaded=loaded, on_failed=failed, on_retired=retired)
 
 
-def _instrument(app: faust.App) -> None:
-    """Consumer lag from the fetch high watermark (model metrics come from the registry's hooks)."""
+def _instrument(app: faust.App, settings: Settings, moderator: Moderator) -> None:
+    """Consumer lag from the fetch high watermark (model metrics come from the registry's hooks); the
+    lag of the topics a model reads is its batch controller's backlog hint (a backlog upstream: fill
+    batches for throughput)."""
     reported: set = set()
+    lag_topics = {"image": (settings.topic(FRAMES), settings.topic(POSTS)), "text": (settings.topic(POSTS),)}
 
-    @app.timer(interval=5.0)
+    @app.timer(interval=1.0)
     async def report_lag() -> None:
         # High watermark from fetch responses minus the committed offset. Measured on the embedded broker:
         # its ListOffsets "latest" is wrong (end_offsets said 1 for 500 records) but fetch responses carry
         # the right high watermark (500), so this works on tansu and on Apache Kafka alike.
         consumer = app.consumer
         current = set()
+        lags: dict[str, int] = {}
         for tp in consumer.assignment():
             highwater = consumer.highwater(tp)
             committed = consumer._committed_offset.get(tp)  # Faust keeps no public accessor
             if highwater is None or committed is None:
                 continue
-            metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, highwater - committed))
+            lag = max(0, highwater - committed)
+            metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(lag)
+            lags[tp.topic] = lags.get(tp.topic, 0) + lag
             current.add((tp.topic, str(tp.partition)))
         for gone in reported - current:
             metrics.CONSUMER_LAG.remove(*gone)
         reported.clear()
         reported.update(current)
         metrics.LAG_AVAILABLE.set(1 if current else 0)
+        for stage in moderator.stages.values():
+            topics = lag_topics.get(stage.input_kind or "", ())
+            stage.batcher.controller.backlog_hint(sum(lags.get(t, 0) for t in topics))
 
 
 def build_worker_app(settings: Settings) -> faust.App:
@@ -215,7 +226,7 @@ def build_worker_app(settings: Settings) -> faust.App:
     moderation = ModerationPipeline(settings, moderator)
     web.install(app, web.WorkerState(lambda: moderator.model_info))
     web.install_api(app, ServingAPI(registry, settings, moderation))
-    _instrument(app)
+    _instrument(app, settings, moderator)
 
     @app.task
     async def watch_models() -> None:

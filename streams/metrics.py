@@ -41,6 +41,8 @@ BATCH_LATE = Counter("inferstream_batch_late_records_total", "Records whose time
                      "the model's batching.target_p99_ms", ["model", "version"], registry=REGISTRY)
 QUEUE_DEPTH = Gauge("inferstream_batcher_queue_depth_records", "Records waiting for a model batch",
                     ["model", "version"], registry=REGISTRY)
+FETCHED_RECORDS = Histogram("inferstream_fetched_batch_records", "Records handed to an agent at once (one fetch of its topic)",
+                            ["topic"], buckets=(1, 4, 16, 64, 256, 1024, 4096, 16384), registry=REGISTRY)
 IN_FLIGHT = Gauge("inferstream_in_flight_records", "Records consumed but not yet acked (decoding, inferring, delivering)",
                   ["topic"], registry=REGISTRY)
 CONSUMER_LAG = Gauge("inferstream_consumer_lag_records",

@@ -37,7 +37,7 @@ def test_worker_metrics_count_what_flowed_through_it(settings, start_worker, run
     port = worker.settings.web_port
     frames, verdicts = settings.topic(FRAMES), settings.topic(VERDICTS)
 
-    # counters are updated after delivery; the lag gauge every 5 s after a commit
+    # counters are updated after delivery; the lag gauge every second after a commit
     assert wait_until(lambda: value(scrape(port), "inferstream_records_consumed_total", topic=frames) == n + 1, 20)
     assert wait_until(lambda: value(scrape(port), "inferstream_consumer_lag_records", topic=frames, partition="0") == 0
                       or value(scrape(port), "inferstream_consumer_lag_records", topic=frames, partition="1") == 0, 30)
@@ -50,6 +50,9 @@ def test_worker_metrics_count_what_flowed_through_it(settings, start_worker, run
     assert value(m, "inferstream_inference_latency_seconds_count", model="tiny", version="1") >= 1
     assert value(m, "inferstream_model_info", model="tiny", version="1", task="classify", provider="CPUExecutionProvider") == 1
     assert value(m, "inferstream_in_flight_records", topic=frames) == 0
+    # records reached the agent a fetch at a time, not one by one (they were all on the topic before it started)
+    handed = value(m, "inferstream_fetched_batch_records_count", topic=frames)
+    assert value(m, "inferstream_fetched_batch_records_sum", topic=frames) == n + 1 and handed < (n + 1) / 4
     safe = value(m, "inferstream_verdicts_total", kind="frame", safe="true") or 0
     unsafe = value(m, "inferstream_verdicts_total", kind="frame", safe="false") or 0
     assert safe + unsafe == n and (value(m, "inferstream_violations_total", check="objects") or 0) == unsafe
