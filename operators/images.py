@@ -55,17 +55,22 @@ def check_dimensions(width: int, height: int, limits: ImageLimits) -> None:
 
 def _header_dimensions(data: bytes, encoding: str) -> tuple[int, int] | None:
     """Width and height read from the PNG/JPEG header without decoding pixels (None if not found)."""
-    if encoding == "png" and len(data) >= 24 and data[:8] == b"\x89PNG\r\n\x1a\n":
+    if encoding == "png" and len(data) >= 24 and data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
         return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    if encoding == "jpeg":
+    if encoding == "jpeg" and data[:2] == b"\xff\xd8":
         i = 2
         while i + 9 < len(data):
             if data[i] != 0xFF:
                 return None
             marker = data[i + 1]
+            if marker == 0xFF:  # fill byte before a marker (legal; libjpeg skips it)
+                i += 1
+                continue
             seg_len = int.from_bytes(data[i + 2 : i + 4], "big")
             if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn: frame header
                 return int.from_bytes(data[i + 7 : i + 9], "big"), int.from_bytes(data[i + 5 : i + 7], "big")
+            if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
+                return None
             i += 2 + seg_len
     return None
 
@@ -143,10 +148,11 @@ def decode_source(
         return SourceImage(np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3).copy(), width, height)
 
     declared = _header_dimensions(data, encoding)
-    if declared is not None:
-        check_dimensions(*declared, limits)  # refuse bombs before allocating their pixels
+    if declared is None:  # OpenCV decodes whatever format it recognises: never pixels whose size is unread
+        raise BadInput("image_decode_failed", f"{len(data)} bytes are not a {encoding} image with a readable size header")
+    check_dimensions(*declared, limits)  # refuse bombs before allocating their pixels
     factor = 1
-    if encoding == "jpeg" and declared is not None and reduction_limit is not None:
+    if encoding == "jpeg" and reduction_limit is not None:
         factor = reduction_for(reduction_limit(*declared))
     bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), _REDUCED_FLAGS.get(factor, cv2.IMREAD_COLOR))
     if bgr is None:

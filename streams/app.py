@@ -20,6 +20,7 @@ from streams import metrics, web
 from streams.batches import batches_of, use_batching_consumer
 from streams.config import Settings
 from streams.cores import share_cores
+from streams.kafka import PartitionsByKey
 from streams.moderation import ModerationPipeline, source_of
 from streams.ordered import OrderedAcker, Output
 from streams.schemas import EVENTS, FRAMES, POSTS, RECOMMENDATION_REQUESTS
@@ -239,8 +240,14 @@ def build_worker_app(settings: Settings) -> faust.App:
         async def serve_grpc() -> None:
             await GrpcServer(registry, settings.web_host, settings.grpc_port).serve_forever()
 
+    # Faust's producer wraps aiokafka's, whose public partitions_for() waits for the topic's metadata
+    partition_of = PartitionsByKey(lambda topic: app.producer._ensure_producer().partitions_for(topic))
+
     async def send(output: Output):
-        return await app.producer.send(output.topic, output.key, output.value, output.partition, None, output.headers)
+        partition = output.partition
+        if partition is None and output.partition_key is not None:
+            partition = await partition_of(output.topic, output.partition_key)
+        return await app.producer.send(output.topic, output.key, output.value, partition, None, output.headers)
 
     _ordered_agent(app, settings, FRAMES, moderation.handle_frames, send)
     _ordered_agent(app, settings, POSTS, moderation.handle_posts, send)

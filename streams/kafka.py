@@ -8,6 +8,7 @@ import time
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.partitioner import murmur2
 
 from streams.config import Settings
 from streams.schemas import ALL_TOPICS, USER_STATE
@@ -81,3 +82,19 @@ async def fetch_high_watermarks(kafka, tps: list[TopicPartition], timeout_s: flo
     if missing:
         raise RuntimeError(f"no fetch response for partitions {[tp.partition for tp in missing]} within {timeout_s:.0f}s")
     return {tp.partition: kafka.highwater(tp) for tp in tps}
+
+
+class PartitionsByKey:
+    """The partition for `Output.partition_key` on a topic: the Java client's default rule (murmur2 of the
+    bytes; librdkafka's `murmur2_random`), over the topic's partitions as the producer's metadata lists
+    them (`partitions_for`, awaited once per topic)."""
+
+    def __init__(self, partitions_for) -> None:
+        self._partitions_for = partitions_for
+        self._counts: dict[str, int] = {}
+
+    async def __call__(self, topic: str, key: bytes) -> int:
+        count = self._counts.get(topic)
+        if count is None:
+            count = self._counts[topic] = len(await self._partitions_for(topic))
+        return (murmur2(key) & 0x7FFFFFFF) % count

@@ -311,7 +311,14 @@ class ModerationPipeline:
                                  "live_models": self._models(results, shadow_of)}
             return Output(self.shadow_topic, record_id.encode(), dumps(verdict))
         self._count(record.fields["kind"], judgement, source, produced)
-        return Output(self.verdicts_topic, (record_id + self._key_suffix(assignment)).encode(), dumps(verdict))
+        return Output(self.verdicts_topic, (record_id + self._key_suffix(assignment)).encode(), dumps(verdict),
+                      partition_key=self._stream_of(record))
+
+    @staticmethod
+    def _stream_of(record: _Record) -> bytes | None:
+        """A frame's verdicts go to its stream's partition, in frame order; posts by their own id."""
+        stream_id = record.fields.get("stream_id") if record.fields else None
+        return stream_id.encode() if stream_id is not None else None
 
     def _count(self, kind: str, judgement: dict[str, Any], source: SourceRecord, produced: int) -> None:
         key = (kind, judgement["safe"], source.topic)

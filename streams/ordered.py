@@ -44,6 +44,9 @@ class Output:
     value: bytes
     headers: list[tuple[str, bytes]] | None = None
     partition: int | None = None  # None: the producer's partitioner (by key)
+    # partition by these bytes instead of the key (Kafka's murmur2 rule): e.g. every verdict of one video
+    # stream in one partition, in frame order, while each keeps its own record id as key
+    partition_key: bytes | None = None
 
 
 Send = Callable[[Output], Awaitable[Awaitable[Any]]]  # returns once buffered; the inner awaitable is delivery

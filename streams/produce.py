@@ -1,8 +1,8 @@
-"""Producers: video files -> `frames`, JSONL -> `posts` / `events`.
+"""Producers: video files and live sources -> `frames`, JSONL -> `posts` / `events`.
 
 Every record is validated before it is sent, and every send is awaited: a producer that exits 0 has
 put every record on the broker. A frame too large for a Kafka message is refused with its index and
-size; it is never dropped silently.
+size; it is never dropped silently. Many live cameras in one process: streams/cameras.py.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from operators.errors import BadInput
 from operators.images import encode_image
-from operators.video import sample_frames
+from operators.video import SourceOptions, is_live, open_source, read_frames, sample_frames
 from streams.config import Settings
 from streams.kafka import ensure_topics, producer
 from streams.schemas import EVENTS, FRAMES, POSTS, FrameMeta, parse_event, parse_post
@@ -45,15 +45,29 @@ _IN_FLIGHT = 500  # sends awaited in groups: fast, and every one is still confir
 Record = tuple[bytes | None, bytes, list | None, float | None]  # key, value, headers, due (s after start) or None
 
 
+async def _records_off_loop(records: Iterable[Record]):
+    """Records of a blocking source (a live camera) taken in a thread, so the producer's network I/O
+    (linger, sends, acks) goes on while the source waits for its next frame."""
+    it = iter(records)
+    done = object()
+    while (record := await asyncio.to_thread(next, it, done)) is not done:
+        yield record
+
+
+async def _aiter(records: Iterable[Record]):
+    for record in records:
+        yield record
+
+
 async def _send_all(settings: Settings, topic: str, records: Iterable[Record], report: ProduceReport,
-                    progress: tqdm | None) -> None:
+                    progress: tqdm | None, blocking_source: bool = False) -> None:
     await ensure_topics(settings)
     kafka = producer(settings)
     await kafka.start()
     try:
         pending = []
         started = time.monotonic()
-        for key, value, headers, due in records:
+        async for key, value, headers, due in (_records_off_loop(records) if blocking_source else _aiter(records)):
             if due is not None:  # live pacing: wait without blocking the producer's network I/O
                 await asyncio.sleep(max(0.0, started + due - time.monotonic()))
             pending.append(await kafka.send(topic, value, key=key, headers=headers))
@@ -75,23 +89,41 @@ def _progress(show: bool, unit: str, total: int | None = None) -> tqdm | None:
     return tqdm(total=total, unit=unit, dynamic_ncols=True, leave=False) if show else None
 
 
+def oversize_reason(settings: Settings, meta: FrameMeta, value: bytes, headers: list) -> str | None:
+    """Why a frame record cannot be sent (over the message limit), or None when it fits."""
+    size = len(value) + sum(len(k) + len(v) for k, v in headers) + len(meta.stream_id)
+    if size <= settings.max_message_bytes:
+        return None
+    return (f"frame {meta.frame_index} of stream {meta.stream_id!r} ({meta.width}x{meta.height}, {meta.encoding}) is "
+            f"{size:,} bytes, over the {settings.max_message_bytes:,}-byte message limit (INFERSTREAM_MAX_MESSAGE_BYTES); "
+            f"use --encoding jpeg or a smaller video")
+
+
+def _source_frames(source: str | Path, fps: float | None, every: int | None, max_frames: int | None,
+                   max_side: int | None, options: SourceOptions | None):
+    if not is_live(source):
+        yield from sample_frames(source, fps=fps, every=every, max_frames=max_frames)
+        return
+    with open_source(source, options) as container:
+        yield from read_frames(container, fps=fps, every=every, max_frames=max_frames, max_side=max_side)
+
+
 def frame_records(settings: Settings, path: str | Path, stream_id: str, *, fps: float | None = None,
                   every: int | None = None, encoding: str = "jpeg", max_frames: int | None = None,
                   skip_oversized: bool = False, report: ProduceReport | None = None,
-                  warn: Callable[[str], None] = print, realtime: float | None = None):
+                  warn: Callable[[str], None] = print, realtime: float | None = None,
+                  max_side: int | None = None, jpeg_quality: int = 90, source_options: SourceOptions | None = None):
     """Decoded, sampled and encoded frames as Records (due at pts / `realtime` when pacing); raises ProduceError on an
-    oversized frame unless `skip_oversized` (then each refusal is reported through `warn`)."""
+    oversized frame unless `skip_oversized` (then each refusal is reported through `warn`). `path` may be a
+    live source (operators.video.is_live): its frames come as the source sends them, scaled to `max_side`."""
     report = report or ProduceReport()
-    for frame in sample_frames(path, fps=fps, every=every, max_frames=max_frames):
+    for frame in _source_frames(path, fps, every, max_frames, max_side, source_options):
         h, w = frame.rgb.shape[:2]
         meta = FrameMeta(stream_id, frame.index, frame.pts, encoding, w, h)
-        value = encode_image(frame.rgb, encoding)
+        value = encode_image(frame.rgb, encoding, jpeg_quality)
         headers = meta.headers()
-        size = len(value) + sum(len(k) + len(v) for k, v in headers) + len(stream_id)
-        if size > settings.max_message_bytes:
-            reason = (f"frame {frame.index} of stream {stream_id!r} ({w}x{h}, {encoding}) is {size:,} bytes, over the "
-                      f"{settings.max_message_bytes:,}-byte message limit (INFERSTREAM_MAX_MESSAGE_BYTES); "
-                      f"use --encoding jpeg or a smaller video")
+        reason = oversize_reason(settings, meta, value, headers)
+        if reason is not None:
             if not skip_oversized:
                 raise ProduceError(reason)
             report.refused.append(reason)
@@ -103,20 +135,25 @@ def frame_records(settings: Settings, path: str | Path, stream_id: str, *, fps: 
 def produce_video(settings: Settings, path: str | Path, stream_id: str, *, fps: float | None = None,
                   every: int | None = None, encoding: str = "jpeg", max_frames: int | None = None,
                   skip_oversized: bool = False, show_progress: bool = False,
-                  realtime: float | None = None) -> ProduceReport:
+                  realtime: float | None = None, max_side: int | None = None, jpeg_quality: int = 90,
+                  source_options: SourceOptions | None = None) -> ProduceReport:
     """Publish sampled frames; with `realtime` (a speed factor, 1.0 = as recorded) frames are paced by
-    their pts like a live camera instead of being sent as fast as they decode."""
-    if not Path(path).is_file():
+    their pts like a live camera instead of being sent as fast as they decode. A live source (rtsp://,
+    rtmp://, http(s)://, /dev/videoN) is paced by the source itself, until it ends or `max_frames`."""
+    live = is_live(path)
+    if not live and not Path(path).is_file():
         raise ProduceError(f"no such video file: {path}")
-    if realtime is not None and realtime <= 0:
-        raise ProduceError("--realtime speed must be > 0")
+    if realtime is not None and (realtime <= 0 or live):
+        raise ProduceError("--realtime speed must be > 0" if not live else
+                           "--realtime paces files; a live source is paced by the source itself")
     report = ProduceReport()
     records = frame_records(settings, path, stream_id, fps=fps, every=every, encoding=encoding,
                             max_frames=max_frames, skip_oversized=skip_oversized, report=report,
-                            warn=lambda m: tqdm.write(m, file=sys.stderr), realtime=realtime)
+                            warn=lambda m: tqdm.write(m, file=sys.stderr), realtime=realtime,
+                            max_side=max_side, jpeg_quality=jpeg_quality, source_options=source_options)
     progress = _progress(show_progress, "frame")
     try:
-        asyncio.run(_send_all(settings, settings.topic(FRAMES), records, report, progress))
+        asyncio.run(_send_all(settings, settings.topic(FRAMES), records, report, progress, blocking_source=live))
     finally:
         if progress is not None:
             progress.close()

@@ -27,7 +27,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from operators.moderation import Moderator
 from operators.policy import Check, Policy, PolicyError
 from streams.config import Settings
 from streams.cores import share_cores
-from streams.kafka import consumer, ensure_topics, fetch_high_watermarks, producer
+from streams.kafka import PartitionsByKey, consumer, ensure_topics, fetch_high_watermarks, producer
 from streams.moderation import ModerationPipeline
 from streams.ordered import OrderedAcker, Output
 from streams.schemas import DEAD_LETTERS, EVENTS, FRAMES, POSTS, SourceRecord, decode_headers
@@ -82,9 +82,9 @@ def parse_bound(text: str | None) -> Bound:
     if text is None or text.strip().lower() in ("", "earliest", "latest"):
         return Bound()
     text = text.strip()
-    if text.isdigit():
+    if re.fullmatch(r"[0-9]+", text):  # not str.isdigit(): it takes '²', which int() refuses
         return Bound(every_partition=int(text))
-    if re.fullmatch(r"\d+:\d+(,\d+:\d+)*", text):
+    if re.fullmatch(r"[0-9]+:[0-9]+(,[0-9]+:[0-9]+)*", text):
         return Bound(offsets={int(p): int(o) for p, o in (pair.split(":") for pair in text.split(","))})
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
@@ -92,6 +92,8 @@ def parse_bound(text: str | None) -> Bound:
         raise ReplayError(f"{text!r} is neither an offset, PARTITION:OFFSET pairs, nor an ISO-8601 time") from exc
     if moment.tzinfo is None:
         raise ReplayError(f"{text!r} needs a timezone (e.g. 2026-11-25T10:00:00Z)")
+    if not datetime(1970, 1, 1, tzinfo=UTC) <= moment < datetime(9999, 1, 1, tzinfo=UTC):
+        raise ReplayError(f"{text!r} is outside Kafka's record timestamps (1970 to 9998)")  # describe() would fail
     return Bound(timestamp_ms=int(moment.timestamp() * 1000))
 
 
@@ -298,8 +300,13 @@ async def ensure_output_topic(settings: Settings, name: str) -> None:
 
 async def _process(kafka, out, tps, ranges: dict[int, PartitionRange], options: ReplayOptions, checkpoint: Checkpoint,
                    handle, settings: Settings) -> dict[str, Any]:
+    partition_of = PartitionsByKey(out.partitions_for)
+
     async def send(output: Output):
-        return await out.send(output.topic, output.value, key=output.key, headers=output.headers, partition=output.partition)
+        partition = output.partition
+        if partition is None and output.partition_key is not None:
+            partition = await partition_of(output.topic, output.partition_key)
+        return await out.send(output.topic, output.value, key=output.key, headers=output.headers, partition=partition)
 
     acker = OrderedAcker(send, max_in_flight=max(256, options.batch_size * 4), name=tps[0].topic)
     delivering = asyncio.ensure_future(acker.run())

@@ -39,6 +39,7 @@ RECOMMENDATION_REQUEST_SCHEMA = "inferstream.recommendation_request.v1"
 EVENT_KINDS = ("view", "click", "like", "purchase")
 MAX_TEXT_CHARS = 20_000
 MAX_ID_CHARS = 256
+MAX_FRAME_INDEX = 2**63 - 1
 
 
 def dumps(record: dict[str, Any]) -> bytes:
@@ -65,6 +66,9 @@ class FrameMeta:
     encoding: str  # jpeg | png | raw (rgb24, row-major)
     width: int
     height: int
+    # Live cameras: the connection a frame came from (`<ingester run>-<n>`); a new value means the
+    # source was reopened (a reconnect), a gap within one value is a stall. None: header absent.
+    session: str | None = None
 
     @property
     def record_id(self) -> str:
@@ -77,6 +81,8 @@ class FrameMeta:
         }
         if self.encoding == "raw":
             pairs["pixel_format"] = "rgb24"
+        if self.session is not None:
+            pairs["session"] = self.session
         return [(k, v.encode()) for k, v in pairs.items()]
 
     @classmethod
@@ -98,9 +104,9 @@ class FrameMeta:
             height = int(h["height"]) if "height" in h else 0
         except ValueError as exc:
             raise BadInput("bad_header", f"frame header is not a number: {exc}") from exc
-        if frame_index < 0:
-            raise BadInput("bad_header", f"frame_index must be >= 0, got {frame_index}")
-        return cls(stream_id, frame_index, pts, h["encoding"], width, height)
+        if not 0 <= frame_index <= MAX_FRAME_INDEX:  # the verdict carries it as a JSON int64
+            raise BadInput("bad_header", f"frame_index must be in 0..{MAX_FRAME_INDEX}, got {frame_index}")
+        return cls(stream_id, frame_index, pts, h["encoding"], width, height, h.get("session"))
 
 
 def decode_headers(headers: Any) -> dict[str, str]:
@@ -193,6 +199,9 @@ def parse_recommendation_request(value: bytes | None) -> dict[str, Any]:
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 200:
         raise BadInput("wrong_schema", "'k' must be an integer between 1 and 200")
     request_id = record.get("request_id")
+    if request_id is not None and (not isinstance(request_id, str | int) or isinstance(request_id, bool)):
+        # orjson reads integers beyond 64 bits as floats: echoing one would not give it back
+        raise BadInput("wrong_schema", "'request_id' must be a string or a 64-bit integer")
     return {"user_id": _require_id(record, "user_id"), "request_id": None if request_id is None else str(request_id), "k": k}
 
 

@@ -42,6 +42,32 @@ def test_every_frame_gets_one_verdict_with_the_models_top_k(settings, start_work
         assert v["source"]["topic"] == settings.topic(FRAMES)
 
 
+def test_one_streams_verdicts_are_in_one_partition_in_frame_order(settings, start_worker, run):
+    from aiokafka.partitioner import murmur2
+
+    streams = [f"cam-{s}" for s in range(6)]
+    # interleaved, as cameras publish; each stream's frames are keyed by its id, so they share a partition
+    run(send_records(settings, FRAMES, [frame_record(cam, i, frame_image(i)) for i in range(25) for cam in streams]))
+    start_worker(settings)
+
+    verdicts = collect(settings, VERDICTS, lambda rs: len(ids(rs)) >= 25 * len(streams), timeout_s=90)
+
+    by_stream: dict[str, list[dict]] = {}
+    for r in verdicts:
+        by_stream.setdefault(r["value"]["stream_id"], []).append(r)
+    assert set(by_stream) == set(streams)
+    used = set()
+    for cam, records in by_stream.items():
+        partitions = {r["partition"] for r in records}
+        # the partition the Java client's default partitioner gives the stream id
+        assert partitions == {(murmur2(cam.encode()) & 0x7FFFFFFF) % settings.partitions}
+        in_offset_order = [r["value"]["frame_index"] for r in sorted(records, key=lambda r: r["offset"])]
+        assert in_offset_order == sorted(in_offset_order) == list(range(25))
+        assert all(r["key"] == r["value"]["id"] for r in records)  # still keyed by record id
+        used |= partitions
+    assert len(used) > 1  # streams spread over the partitions
+
+
 def test_bad_frames_go_to_dead_letters_and_the_worker_keeps_going(settings, start_worker, run):
     good = frame_record("cam", 0, frame_image(1))
     png = good[1]
