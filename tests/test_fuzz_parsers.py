@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 import struct
 import zlib
 from datetime import UTC, datetime, timedelta, timezone
@@ -28,8 +27,6 @@ from streams.replay import Bound, ReplayError, parse_bound
 from streams.schemas import (
     EVENT_KINDS,
     FRAME_SCHEMA,
-    MAX_ID_CHARS,
-    MAX_TEXT_CHARS,
     FrameMeta,
     decode_headers,
     dumps,
