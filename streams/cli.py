@@ -129,7 +129,7 @@ def produce() -> None:
 
 
 @produce.command("video")
-@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("source")
 @click.option("--stream-id", required=True, help="Key of every frame (one stream = one partition, in order).")
 @click.option("--fps", type=float, help="Sample about N frames per second of video.")
 @click.option("--every", type=int, help="Sample every Nth frame.")
@@ -137,16 +137,53 @@ def produce() -> None:
 @click.option("--max-frames", type=int, help="Stop after N frames.")
 @click.option("--skip-oversized", is_flag=True, help="Report and skip frames over the message limit instead of stopping.")
 @click.option("--realtime", type=float, default=None, is_flag=False, flag_value=1.0,
-              help="Pace frames by their timestamps like a live camera (optional speed factor, default 1.0).")
+              help="Pace a file's frames by their timestamps like a live camera (optional speed factor, default 1.0).")
+@click.option("--max-side", type=int, help="Live sources: scale frames down so the longer side is at most N pixels.")
+@click.option("--jpeg-quality", type=click.IntRange(1, 100), default=90, show_default=True)
+@click.option("--rtsp-transport", type=click.Choice(["tcp", "udp", "udp_multicast", "http", "https"]), default="tcp",
+              show_default=True, help="RTSP lower transport.")
+@click.option("--open-timeout", type=float, default=10.0, show_default=True, help="Live sources: seconds to connect.")
+@click.option("--read-timeout", type=float, default=10.0, show_default=True,
+              help="Live sources: seconds without data before the source counts as failed.")
 @click.pass_context
-def produce_video_cmd(ctx, path, stream_id, fps, every, encoding, max_frames, skip_oversized, realtime) -> None:
-    """Decode a video file with PyAV and publish sampled frames to `frames`."""
+def produce_video_cmd(ctx, source, stream_id, fps, every, encoding, max_frames, skip_oversized, realtime, max_side,
+                      jpeg_quality, rtsp_transport, open_timeout, read_timeout) -> None:
+    """Decode a video file or a live source with PyAV and publish sampled frames to `frames`.
+
+    SOURCE is a file, or a live source FFmpeg opens: rtsp://, rtmp://, http(s):// (incl. HLS), or a
+    V4L2 device (/dev/video0). A live source is read as it sends (no reading ahead) until it ends,
+    --max-frames, or Ctrl-C. Many cameras with reconnects: `inferstream cameras`."""
+    from operators.video import SourceOptions
     from streams.produce import produce_video
 
-    report = produce_video(_settings(ctx), path, stream_id, fps=fps, every=every, encoding=encoding,
+    options = SourceOptions(rtsp_transport=rtsp_transport, open_timeout_s=open_timeout, read_timeout_s=read_timeout)
+    report = produce_video(_settings(ctx), source, stream_id, fps=fps, every=every, encoding=encoding,
                            max_frames=max_frames, skip_oversized=skip_oversized, show_progress=sys.stderr.isatty(),
-                           realtime=realtime)
+                           realtime=realtime, max_side=max_side, jpeg_quality=jpeg_quality, source_options=options)
     click.echo(json.dumps(report.as_dict()))
+
+
+@main.command()
+@click.argument("cameras_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--web-port", type=int, default=6070, show_default=True,
+              help="Port of this ingester's /metrics and /health (0: any free port).")
+@click.option("--web-host", help="Address to listen on (default INFERSTREAM_WEB_HOST, 127.0.0.1).")
+@click.pass_context
+def cameras(ctx, cameras_file, web_port, web_host) -> None:
+    """Ingest the live cameras of CAMERAS_FILE into `frames` until SIGTERM or Ctrl-C.
+
+    Per camera: reconnects with capped exponential backoff, a `session` header that changes on each
+    reconnect, frames scaled to max_side before JPEG encoding, and only the newest frames kept when the
+    broker is slower than the cameras (drops counted). Prints one JSON line when ready, and the final
+    per-camera counts when stopped."""
+    from streams.cameras import serve_cameras
+    from streams.logs import logging_config
+
+    settings = _settings(ctx)
+    logging.config.dictConfig(logging_config(settings.log_level, settings.log_format))
+    final = serve_cameras(settings, cameras_file, web_host=web_host or settings.web_host, web_port=web_port,
+                          announce=lambda line: click.echo(line, err=True))
+    click.echo(json.dumps(final))
 
 
 def _jsonl_command(kind: str):
