@@ -9,7 +9,7 @@ comma   := ,
 STAMP   := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 PYTEST_ARGS ?=
 
-.PHONY: install models run test bench eval lint clean
+.PHONY: install models run test rtsp-test-deps bench eval lint clean
 
 install: $(STAMP)
 
@@ -27,8 +27,22 @@ models: install
 run: models
 	$(BIN)/inferstream demo --keep-running
 
-test: models
+test: models rtsp-test-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The camera tests serve a clip with GStreamer's RTSP server: Debian packages bound to Debian's own
+# /usr/bin/python3 (tests/rtsp_server.py). Installed when missing (root, or sudo); if that fails,
+# those tests fail with the reason (never skipped) and the rest of the suite still runs.
+RTSP_TEST_PACKAGES := python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base \
+	gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-libav
+rtsp-test-deps:
+	@/usr/bin/python3 tests/rtsp_server.py --check 2>/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  echo "installing GStreamer's RTSP server for the camera tests: $(RTSP_TEST_PACKAGES)"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	    --no-install-recommends $(RTSP_TEST_PACKAGES) >/dev/null \
+	  && /usr/bin/python3 tests/rtsp_server.py --check \
+	  || echo "WARNING: GStreamer's RTSP server is not installed: tests/test_cameras.py will fail" >&2; }
 
 bench: models
 	$(BIN)/python bench/record_path.py
