@@ -21,6 +21,7 @@ from tqdm import tqdm
 from operators.errors import BadInput
 from operators.images import encode_image
 from operators.video import SourceOptions, is_live, open_source, read_frames, sample_frames
+from streams import contracts
 from streams.config import Settings
 from streams.kafka import ensure_topics, producer
 from streams.schemas import EVENTS, FRAMES, POSTS, FrameMeta, parse_event, parse_post
@@ -162,6 +163,7 @@ def produce_video(settings: Settings, path: str | Path, stream_id: str, *, fps: 
 
 # Posts are keyed by post id (verdicts are per post); events by user id (one user's state, one partition).
 _JSONL_KINDS = {POSTS: (parse_post, "id"), EVENTS: (parse_event, "user_id")}
+_CONTRACTS = {POSTS: "post", EVENTS: "event"}  # streams/contracts/*.json
 
 
 def jsonl_records(kind: str, path: str | Path, skip_invalid: bool = False, report: ProduceReport | None = None,
@@ -175,6 +177,7 @@ def jsonl_records(kind: str, path: str | Path, skip_invalid: bool = False, repor
                 continue
             try:
                 record = parse(line.encode())
+                contracts.check(_CONTRACTS[kind], json.loads(line))  # what any consumer may rely on, not only the worker
             except BadInput as exc:
                 reason = f"{path}:{lineno}: {exc.reason}: {exc.detail}"
                 if not skip_invalid:

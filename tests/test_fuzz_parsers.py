@@ -75,7 +75,7 @@ iso_times = aware_times.map(datetime.isoformat) | aware_times.map(lambda t: t.as
 
 
 @st.composite
-def mutated(draw, valid: dict) -> dict:
+def mutated(draw, valid: dict, values: st.SearchStrategy = json_values) -> dict:
     """A valid record with each field kept, dropped or replaced by any JSON value, plus stray fields."""
     out = {}
     for key, value in valid.items():
@@ -83,8 +83,8 @@ def mutated(draw, valid: dict) -> dict:
         if action == "keep":
             out[key] = value
         elif action == "replace":
-            out[key] = draw(json_values)
-    out.update(draw(st.dictionaries(st.text(max_size=8), json_values, max_size=2)))
+            out[key] = draw(values)
+    out.update(draw(st.dictionaries(st.text(max_size=8), values, max_size=2)))
     return out
 
 
