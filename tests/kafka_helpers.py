@@ -11,9 +11,10 @@ import numpy as np
 from aiokafka import TopicPartition
 
 from operators.images import encode_image
+from streams import contracts
 from streams.config import Settings
 from streams.kafka import consumer, ensure_topics, producer
-from streams.schemas import FrameMeta
+from streams.schemas import USER_STATE, FrameMeta
 
 
 def frame_image(i: int, size: int = 24) -> np.ndarray:
@@ -60,11 +61,25 @@ async def read_all(settings: Settings, topic: str, until: Callable[[list[dict]],
             batch = await kafka.getmany(timeout_ms=300)
             for messages in batch.values():
                 for m in messages:
-                    records.append({"key": m.key.decode() if m.key else None, "value": json.loads(m.value),
+                    value = json.loads(m.value)
+                    meets_contract(topic, value)
+                    records.append({"key": m.key.decode() if m.key else None, "value": value,
                                     "partition": m.partition, "offset": m.offset})
     finally:
         await kafka.stop()
     return records
+
+
+def meets_contract(topic: str, value) -> None:
+    """Every record read back is checked against its contract (streams/contracts): verdicts, dead
+    letters and recommendation lists by their `schema` field, user-state snapshots by topic."""
+    name = "user_state" if topic == USER_STATE else None
+    if isinstance(value, dict):
+        name = contracts.BY_SCHEMA_FIELD.get(value.get("schema"), name)
+    if name is not None:
+        errors = sorted(contracts.validator(name).iter_errors(value), key=lambda e: list(e.absolute_path))
+        assert not errors, f"a {topic} record breaks {name}.json: " + "; ".join(
+            f"{'/'.join(map(str, e.absolute_path)) or '.'}: {e.message[:200]}" for e in errors[:5])
 
 
 def collect(settings: Settings, topic: str, until: Callable[[list[dict]], bool], timeout_s: float = 60) -> list[dict]:
