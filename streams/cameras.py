@@ -30,6 +30,7 @@ import dataclasses
 import json
 import logging
 import random
+import re
 import threading
 import time
 from collections import deque
@@ -153,6 +154,15 @@ def load_cameras(path: str | Path) -> list[CameraConfig]:
     return parse_cameras(raw, str(path))
 
 
+def redact_url(url: str) -> str:
+    """`url` (or a message quoting URLs) without passwords, for logs and /health (camera URLs carry them).
+
+    >>> redact_url("rtsp://admin:s3cret@10.0.0.7:554/stream1"), redact_url("/dev/video0")
+    ('rtsp://admin:***@10.0.0.7:554/stream1', '/dev/video0')
+    """
+    return re.sub(r"([a-zA-Z][\w+.-]*://[^/@:\s']*):[^/@\s']*@", r"\1:***@", url)
+
+
 def backoff_delays(initial_s: float, max_s: float):
     """Waits before successive reconnect attempts: doubling from `initial_s`, capped at `max_s`.
 
@@ -229,7 +239,7 @@ class CameraFeed:
                 container = open_source(cfg.url, cfg.source_options())
             except (av.FFmpegError, OSError) as exc:
                 self.stats.connect_failures += 1
-                log.warning("camera %s: cannot open %s: %s", cfg.id, cfg.url, exc)
+                log.warning("camera %s: cannot open %s: %s", cfg.id, redact_url(cfg.url), redact_url(str(exc)))
             else:
                 self.sessions += 1
                 if self.sessions > 1:
@@ -265,7 +275,7 @@ class CameraFeed:
             reason = "timeout"
         except (av.FFmpegError, OSError) as exc:
             reason = "error"
-            log.warning("camera %s: source failed: %s", cfg.id, exc)
+            log.warning("camera %s: source failed: %s", cfg.id, redact_url(str(exc)))
         self.stats.disconnects[reason] += 1
         log.warning("camera %s: session %s %s; reconnecting", cfg.id, self.session,
                     {"ended": "ended", "timeout": f"silent for {cfg.read_timeout_s:g}s", "error": "failed"}[reason])
@@ -354,7 +364,7 @@ class CameraFeed:
     def health(self) -> dict[str, Any]:
         frames, nbytes = self.queued
         return {
-            "url": self.config.url, "enabled": self.config.enabled, "state": self.state, "session": self.session,
+            "url": redact_url(self.config.url), "enabled": self.config.enabled, "state": self.state, "session": self.session,
             "seconds_since_last_frame": round(self.seconds_since_last_frame(), 3),
             "frames_read": self.stats.decode.decoded, "published": self.stats.published,
             "dropped": dict(self.stats.dropped), "decode_errors": self.stats.decode.errors,

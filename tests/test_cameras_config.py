@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import numpy as np
 import pytest
 
 from operators.video import DecodedFrame, fit_within, is_live
-from streams.cameras import CameraConfig, CameraFeed, parse_cameras
+from streams.cameras import CameraConfig, CameraFeed, parse_cameras, redact_url
 from streams.config import Settings
 from streams.schemas import FrameMeta
 
@@ -78,3 +79,10 @@ def test_a_frame_over_the_message_limit_is_dropped_as_oversized():
         assert feed.queued == (0, 0) and feed.stats.dropped["oversized"] == 1
     finally:
         loop.close()
+
+
+def test_camera_passwords_stay_out_of_logs_and_health():
+    message = "cannot open: [Errno 111] Connection refused: 'rtsp://admin:s3cret@10.0.0.7:554/stream1'"
+    assert redact_url(message) == "cannot open: [Errno 111] Connection refused: 'rtsp://admin:***@10.0.0.7:554/stream1'"
+    feed = CameraFeed(CameraConfig(id="cam", url="rtsp://admin:s3cret@10.0.0.7/stream1"), Settings(), run_id="1")
+    assert "s3cret" not in json.dumps(feed.health())
