@@ -54,9 +54,9 @@ class FrameSampler:
 
 
 def sample_frames(path: str | Path, fps: float | None = None, every: int | None = None,
-                  max_frames: int | None = None) -> Iterator[DecodedFrame]:
+                  max_frames: int | None = None, max_side: int | None = None) -> Iterator[DecodedFrame]:
     """Decode `path` (threaded) and yield every `every`-th frame, or frames at about `fps` per second of
-    video time, or all frames. Only sampled frames are converted to RGB arrays."""
+    video time, or all frames. Only sampled frames are converted to RGB arrays (scaled to fit `max_side`)."""
     sampler = FrameSampler(fps, every)
     emitted = 0
     with av.open(str(path)) as container:
@@ -67,7 +67,7 @@ def sample_frames(path: str | Path, fps: float | None = None, every: int | None 
             pts = float(frame.time) if frame.time is not None else index / rate
             if not sampler.keep(index, pts):
                 continue
-            yield DecodedFrame(index, pts, frame.to_ndarray(format="rgb24"))
+            yield DecodedFrame(index, pts, _to_rgb(frame, max_side))
             emitted += 1
             if max_frames is not None and emitted >= max_frames:
                 return
@@ -138,6 +138,14 @@ def fit_within(width: int, height: int, max_side: int | None) -> tuple[int, int]
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+def _to_rgb(frame: av.VideoFrame, max_side: int | None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB, scaled by swscale (area filter) to fit `max_side` in the same conversion."""
+    width, height = fit_within(frame.width, frame.height, max_side)
+    if (width, height) == (frame.width, frame.height):
+        return frame.to_ndarray(format="rgb24")
+    return frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="AREA")
+
+
 def read_frames(container: av.container.InputContainer, *, fps: float | None = None, every: int | None = None,
                 max_frames: int | None = None, max_side: int | None = None, first_index: int = 0,
                 stats: DecodeStats | None = None) -> Iterator[DecodedFrame]:
@@ -171,12 +179,7 @@ def read_frames(container: av.container.InputContainer, *, fps: float | None = N
             first_pts = pts if first_pts is None else first_pts
             if not sampler.keep(index, pts):
                 continue
-            width, height = fit_within(frame.width, frame.height, max_side)
-            if (width, height) == (frame.width, frame.height):
-                rgb = frame.to_ndarray(format="rgb24")
-            else:
-                rgb = frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="AREA")
-            yield DecodedFrame(index, pts, rgb)
+            yield DecodedFrame(index, pts, _to_rgb(frame, max_side))
             emitted += 1
             if max_frames is not None and emitted >= max_frames:
                 return

@@ -138,7 +138,7 @@ def produce() -> None:
 @click.option("--skip-oversized", is_flag=True, help="Report and skip frames over the message limit instead of stopping.")
 @click.option("--realtime", type=float, default=None, is_flag=False, flag_value=1.0,
               help="Pace a file's frames by their timestamps like a live camera (optional speed factor, default 1.0).")
-@click.option("--max-side", type=int, help="Live sources: scale frames down so the longer side is at most N pixels.")
+@click.option("--max-side", type=int, help="Scale frames down so the longer side is at most N pixels.")
 @click.option("--jpeg-quality", type=click.IntRange(1, 100), default=90, show_default=True)
 @click.option("--rtsp-transport", type=click.Choice(["tcp", "udp", "udp_multicast", "http", "https"]), default="tcp",
               show_default=True, help="RTSP lower transport.")

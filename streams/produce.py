@@ -103,7 +103,7 @@ def oversize_reason(settings: Settings, meta: FrameMeta, value: bytes, headers: 
 def _source_frames(source: str | Path, fps: float | None, every: int | None, max_frames: int | None,
                    max_side: int | None, options: SourceOptions | None):
     if not is_live(source):
-        yield from sample_frames(source, fps=fps, every=every, max_frames=max_frames)
+        yield from sample_frames(source, fps=fps, every=every, max_frames=max_frames, max_side=max_side)
         return
     with open_source(source, options) as container:
         yield from read_frames(container, fps=fps, every=every, max_frames=max_frames, max_side=max_side)
@@ -115,8 +115,8 @@ def frame_records(settings: Settings, path: str | Path, stream_id: str, *, fps: 
                   warn: Callable[[str], None] = print, realtime: float | None = None,
                   max_side: int | None = None, jpeg_quality: int = 90, source_options: SourceOptions | None = None):
     """Decoded, sampled and encoded frames as Records (due at pts / `realtime` when pacing); raises ProduceError on an
-    oversized frame unless `skip_oversized` (then each refusal is reported through `warn`). `path` may be a
-    live source (operators.video.is_live): its frames come as the source sends them, scaled to `max_side`."""
+    oversized frame unless `skip_oversized` (then each refusal is reported through `warn`). Frames are scaled to
+    fit `max_side`; `path` may be a live source (operators.video.is_live), read as the source sends."""
     report = report or ProduceReport()
     for frame in _source_frames(path, fps, every, max_frames, max_side, source_options):
         h, w = frame.rgb.shape[:2]

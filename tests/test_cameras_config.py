@@ -86,3 +86,11 @@ def test_camera_passwords_stay_out_of_logs_and_health():
     assert redact_url(message) == "cannot open: [Errno 111] Connection refused: 'rtsp://admin:***@10.0.0.7:554/stream1'"
     feed = CameraFeed(CameraConfig(id="cam", url="rtsp://admin:s3cret@10.0.0.7/stream1"), Settings(), run_id="1")
     assert "s3cret" not in json.dumps(feed.health())
+
+
+def test_files_are_scaled_to_max_side_while_converting(tmp_path):
+    from operators.video import sample_frames, write_video
+
+    video = write_video(tmp_path / "v.mp4", [np.full((96, 128, 3), 40 * i, np.uint8) for i in range(3)], fps=10)
+    assert [f.rgb.shape for f in sample_frames(video, max_side=64)] == [(48, 64, 3)] * 3
+    assert [f.rgb.shape for f in sample_frames(video)] == [(96, 128, 3)] * 3
