@@ -9,7 +9,7 @@ comma   := ,
 STAMP   := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 PYTEST_ARGS ?=
 
-.PHONY: install models run test rtsp-test-deps bench eval lint clean
+.PHONY: install models run test rtsp-test-deps deploy-test-tools bench eval lint clean
 
 install: $(STAMP)
 
@@ -27,7 +27,7 @@ models: install
 run: models
 	$(BIN)/inferstream demo --keep-running
 
-test: models rtsp-test-deps
+test: models rtsp-test-deps deploy-test-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The camera tests serve a clip with GStreamer's RTSP server: Debian packages bound to Debian's own
@@ -43,6 +43,16 @@ rtsp-test-deps:
 	    --no-install-recommends $(RTSP_TEST_PACKAGES) >/dev/null \
 	  && /usr/bin/python3 tests/rtsp_server.py --check \
 	  || echo "WARNING: GStreamer's RTSP server is not installed: tests/test_cameras.py will fail" >&2; }
+
+# tests/test_deploy.py checks the shell scripts with shellcheck and the Prometheus config with promtool
+# (Debian's shellcheck and prometheus packages), installed when missing like the RTSP server above.
+deploy-test-tools:
+	@command -v shellcheck >/dev/null && command -v promtool >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  echo "installing shellcheck and promtool for the deployment tests"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	    --no-install-recommends shellcheck prometheus >/dev/null \
+	  || echo "WARNING: shellcheck/promtool not installed: their checks in tests/test_deploy.py are skipped" >&2; }
 
 bench: models
 	$(BIN)/python bench/record_path.py
