@@ -15,7 +15,7 @@ For each model of policies/default.yaml (plus pii-ner when models/pii-ner/1/mode
    samples/posts.jsonl repeated with an index suffix; image models: 640x480 JPEG frames of
    scikit-image photos), then `python -m streams.cli worker` starts as a subprocess; verdicts/s as
    seen by a consumer, group join and model load excluded. Reported in steady state: the worker
-   decodes/tokenises up to `max_in_flight` (256) records ahead of inference, so before its first
+   decodes/tokenises up to `max_in_flight` (1024 by default) records ahead of inference, so before its first
    verdict that work is already done for ~256 records, and its last ~256 verdicts need none; with a
    few hundred frames, first-to-last would leave most JPEG decoding out of the span (measured:
    nudenet-320n 27 frames/s first-to-last on 300 frames vs ~18 raw). The rate is therefore taken
@@ -67,7 +67,7 @@ DEFAULT_POLICY = ROOT / "policies" / "default.yaml"
 SAMPLE_POSTS = ROOT / "samples" / "posts.jsonl"
 # pii-ner is not in the default policy; its check as the README documents it.
 PII_CHECK = {"model": "pii-ner", "input": "text", "types": ["PERSON", "EMAIL", "PHONE", "ID"], "above": 0.5}
-# Records per pipeline run at --records-scale 1. The steady window leaves out max_in_flight (256) verdicts
+# Records per pipeline run at --records-scale 1. The steady window leaves out max_in_flight (1024 by default) verdicts
 # at each end, so image models need ~1,000 frames; each run takes ~15-40 s on a shared 2-core CPU
 # (measured there: toxicity ~1,100-1,400 posts/s, pii-ner ~70-100, nudenet-320n ~15-27, efficientnet-lite0
 # ~30-40 frames/s through the pipeline, depending on the other load).
