@@ -61,14 +61,19 @@ class Admission:
     def in_flight(self, model: str) -> int:
         return self._in_flight.get(model, 0)
 
+    def check(self, models: Iterable[str], api: str) -> None:
+        """Raise Refused (counted) when a model is at its limit, holding nothing: a caller may refuse
+        before reading a request's body (a flood of large bodies then costs no reading)."""
+        for model in sorted(set(models)):
+            if self.max_in_flight and self.in_flight(model) >= self.max_in_flight:
+                metrics.SYNC_REJECTED.labels(api, model, "in_flight_limit").inc()
+                raise Refused(model, self.max_in_flight, self.retry_after_s)
+
     @contextmanager
     def admit(self, models: Iterable[str], api: str) -> Iterator[None]:
         """Hold one slot of each model for the block, or raise Refused (counted) without holding any."""
         models = sorted(set(models))
-        for model in models:
-            if self.max_in_flight and self.in_flight(model) >= self.max_in_flight:
-                metrics.SYNC_REJECTED.labels(api, model, "in_flight_limit").inc()
-                raise Refused(model, self.max_in_flight, self.retry_after_s)
+        self.check(models, api)
         for model in models:
             self._in_flight[model] = self.in_flight(model) + 1
             self._event(model).clear()

@@ -35,6 +35,7 @@ from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from streams import metrics
+from streams.admission import MODERATE
 from streams.serving_api import ADMIN_ACTIONS, ApiError, ServingAPI
 
 log = logging.getLogger(__name__)
@@ -215,6 +216,7 @@ def install_api(app: faust.App, api: ServingAPI) -> None:
         async def post(self, request: Request, model: str) -> Response:
             async def call():
                 timeout_s = _timeout_s(request)
+                api.refuse_if_busy(model)
                 body = await _body(request, limit)
                 return await api.predict(model, body, request.headers.get("Content-Type"),
                                          request.query.get("version") or None, request.query.get("key") or None,
@@ -226,6 +228,7 @@ def install_api(app: faust.App, api: ServingAPI) -> None:
         async def post(self, request: Request) -> Response:
             async def call():
                 timeout_s = _timeout_s(request)
+                api.refuse_if_busy(MODERATE)
                 return await api.moderate(await _body(request, limit), request.headers.get("Content-Type"), timeout_s)
             return await _answer(self, call)
 

@@ -290,6 +290,26 @@ def test_calls_over_the_in_flight_limit_are_refused_at_once_with_retry_after(api
     assert sample("inferstream_sync_rejected_total", labels) - before == 1
 
 
+def test_a_model_at_its_limit_refuses_before_reading_the_body(api_settings):
+    settings = api_settings.replace(sync_max_in_flight=1, sync_retry_after_s=1)
+    labels = {"api": "rest", "model": "tiny", "reason": "in_flight_limit"}
+    before = sample("inferstream_sync_rejected_total", labels)
+
+    async def requests(client, registry, stub):
+        gate = Gate(registry.stage("tiny@1"))
+        held = asyncio.ensure_future(client.post("/predict/tiny", json=tensors()))
+        await gate.entered()
+        # a body that would be a 400 if it were read: the refusal comes first
+        refused = await client.post("/predict/tiny", data=b"{not json", headers={"Content-Type": "application/json"})
+        refused = (refused.status, (await refused.json())["error"])
+        gate.open()
+        return refused, (await held).status
+
+    refused, held = serve(settings, requests)
+    assert refused == (429, "too_many_requests") and held == 200
+    assert sample("inferstream_sync_rejected_total", labels) - before == 1
+
+
 def test_the_limit_is_per_model(api_settings):
     settings = api_settings.replace(sync_max_in_flight=1)
 
