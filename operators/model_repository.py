@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from operators.backends import Backend, backend_for, open_backend
+from operators.degrade import LadderConfig, LadderConfigError
 
 TASKS = ("classify", "detect", "text-classify", "ner", "embed", "retrieve", "ctr")
 
@@ -50,6 +51,7 @@ class ModelConfig:
     cache_dir: str | None = None  # where a SavedModel's ONNX conversion is cached
     inputs: tuple[dict[str, Any], ...] = ()  # declared tensors; TorchScript records none of its own
     outputs: tuple[dict[str, Any], ...] = ()
+    degrade: dict[str, Any] = field(default_factory=dict)  # the ladder under lag (operators/degrade.py)
 
     @property
     def model_path(self) -> Path:
@@ -108,7 +110,12 @@ class ModelConfig:
             cache_dir=str(directory / runtime["cache_dir"]) if runtime.get("cache_dir") else None,
             inputs=tuple(raw.get("inputs") or ()),
             outputs=tuple(raw.get("outputs") or ()),
+            degrade=raw.get("degrade") or {},
         )
+        try:
+            LadderConfig.from_config(cfg.degrade, str(path))
+        except LadderConfigError as exc:
+            raise ModelConfigError(str(exc)) from exc
         if cfg.max_batch_size < 1 or cfg.max_wait_ms < 0:
             raise ModelConfigError(f"{path}: batching needs max_batch_size >= 1 and max_wait_ms >= 0")
         if cfg.target_p99_ms <= 0:

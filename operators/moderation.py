@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from operators.batcher import STREAM, BatchFailed
+from operators.degrade import DegradationLadder, LadderConfig
 from operators.model_repository import ModelRepository
 from operators.policy import Policy, PolicyError, verdict_fields
 from operators.registry import MODERATION_TASKS, Lease, ModelRegistry, Stage, operator_for
@@ -104,6 +105,7 @@ class Moderator:
         self.policy = policy
         self.registry = registry or ModelRegistry(repo, providers, intra_op_threads)
         self._model_of: dict[str, tuple[str, str | None]] = {}  # check -> (model name, pinned ref or None)
+        self.ladders: dict[str, DegradationLadder] = {}  # model name -> its ladder (configs that declare one)
         for check in policy.checks:
             cfg = self.registry.repo.config(check.model)
             if cfg.task not in MODERATION_TASKS:
@@ -113,6 +115,35 @@ class Moderator:
             else:
                 self.registry.route_sync(cfg.name)
                 self._model_of[check.name] = (cfg.name, None)
+                self._add_ladder(cfg)
+
+    def _add_ladder(self, cfg) -> None:
+        """The degradation ladder of a routed model (its serving version's config), with every rung's
+        version loaded now, so stepping down never waits for a load."""
+        config = LadderConfig.from_config(cfg.degrade, cfg.ref)
+        if config is None or cfg.name in self.ladders:
+            return
+        for rung in config.rungs:
+            if rung.version is not None:
+                self.registry.fixed(f"{cfg.name}@{rung.version}")
+        self.ladders[cfg.name] = DegradationLadder(config)
+
+    def inputs_of(self, name: str) -> set[str]:
+        """The inputs (text, image) that the policy's checks of model `name` read."""
+        return {c.input for c in self.policy.checks if c.model.partition("@")[0] == name}
+
+    @property
+    def frame_stride(self) -> int:
+        """Judge every Nth frame of a stream: the largest stride in force on an image model's ladder."""
+        return max((ladder.frame_stride for name, ladder in self.ladders.items() if "image" in self.inputs_of(name)),
+                   default=1)
+
+    def degradation(self) -> dict[str, Any] | None:
+        """What a verdict says of the ladders (None when no model of the policy has one)."""
+        if not self.ladders:
+            return None
+        return {"level": max(ladder.level for ladder in self.ladders.values()), "frame_stride": self.frame_stride,
+                "models": {name: ladder.level for name, ladder in self.ladders.items()}}
 
     @property
     def stages(self) -> dict[str, Stage]:
@@ -128,6 +159,11 @@ class Moderator:
             if pinned is not None:
                 stages[check], arms[check] = self.registry.stage(pinned), "policy"
                 continue
+            ladder = self.ladders.get(name)
+            if ladder is not None and ladder.rung is not None and ladder.rung.version is not None:
+                # a degraded rung serves every record with its cheaper version (no A/B, no shadow on it)
+                stages[check], arms[check] = self.registry.stage(f"{name}@{ladder.rung.version}"), "degraded"
+                continue
             stages[check], arms[check], shadow = self.registry.assign(name, key)
             if shadow is not None and shadows:
                 shadow_of[check] = shadow
@@ -139,7 +175,7 @@ class Moderator:
         shadow, no assignment depends on its key and the records share one (assigning per record was
         5% of a busy worker's event loop)."""
         routes = [self.registry.route(name) for name, pinned in self._model_of.values() if pinned is None]
-        if any(route.split or route.shadow for route in routes):
+        if any(route.split or route.shadow for route in routes):  # (a degraded rung depends on no key either)
             return [self.assign(key, lease=False, shadows=shadows) for key in keys]
         return [self.assign(None, lease=False, shadows=shadows)] * len(keys)
 

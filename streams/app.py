@@ -211,6 +211,9 @@ def _instrument(app: faust.App, settings: Settings, moderator: Moderator) -> Non
         for stage in moderator.stages.values():
             topics = lag_topics.get(stage.input_kind or "", ())
             stage.batcher.controller.backlog_hint(sum(lags.get(t, 0) for t in topics))
+        for name, ladder in moderator.ladders.items():  # sustained lag steps a model down its ladder
+            topics = {t for kind in moderator.inputs_of(name) for t in lag_topics.get(kind, ())}
+            metrics.DEGRADATION_LEVEL.labels(name).set(ladder.observe(sum(lags.get(t, 0) for t in topics)))
 
 
 def build_worker_app(settings: Settings) -> faust.App:

@@ -43,6 +43,10 @@ QUEUE_DEPTH = Gauge("inferstream_batcher_queue_depth_records", "Records waiting 
                     ["model", "version"], registry=REGISTRY)
 FETCHED_RECORDS = Histogram("inferstream_fetched_batch_records", "Records handed to an agent at once (one fetch of its topic)",
                             ["topic"], buckets=(1, 4, 16, 64, 256, 1024, 4096, 16384), registry=REGISTRY)
+DEGRADATION_LEVEL = Gauge("inferstream_degradation_level", "Rung of a model's degradation ladder in force (0: full quality)",
+                          ["model"], registry=REGISTRY)
+FRAMES_SKIPPED = Counter("inferstream_frames_skipped_total", "Frames not judged because a degraded rung's frame stride skipped them",
+                         ["topic"], registry=REGISTRY)
 IN_FLIGHT = Gauge("inferstream_in_flight_records", "Records consumed but not yet acked (decoding, inferring, delivering)",
                   ["topic"], registry=REGISTRY)
 CONSUMER_LAG = Gauge("inferstream_consumer_lag_records",

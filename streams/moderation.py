@@ -126,8 +126,18 @@ class ModerationPipeline:
         return (await self.handle_posts([source]))[0]
 
     async def handle_frames(self, sources: list[SourceRecord]) -> list[list[Output]]:
-        """The outputs of each frame, in order. Never raises: every failure becomes a dead letter."""
-        return await self._handle([self._open(_Record(s), self._read_frame) for s in sources])
+        """The outputs of each frame, in order. Never raises: every failure becomes a dead letter. While a
+        degraded rung's frame stride N is in force, only every Nth frame of a stream is judged; the
+        others get no verdict (counted in inferstream_frames_skipped_total)."""
+        records = [self._open(_Record(s), self._read_frame) for s in sources]
+        stride = self.moderator.frame_stride
+        if stride == 1:
+            return await self._handle(records)
+        skipped = {id(r) for r in records if r.failure is None and r.fields["frame_index"] % stride}
+        if skipped:
+            metrics.FRAMES_SKIPPED.labels(sources[0].topic).inc(len(skipped))
+        judged = iter(await self._handle([r for r in records if id(r) not in skipped]))
+        return [[] if id(r) in skipped else next(judged) for r in records]
 
     async def handle_posts(self, sources: list[SourceRecord]) -> list[list[Output]]:
         """The outputs of each post, in order. Never raises: every failure becomes a dead letter."""
@@ -234,11 +244,13 @@ class ModerationPipeline:
     def _finish(self, records: list[_Record], started: float) -> list[list[Output]]:
         """Each record's verdict (and shadow verdict), or its dead letter."""
         produced = now_ms()
+        degradation = self.moderator.degradation()
+        batch_fields = {"degradation": degradation} if degradation is not None else {}
         out = []
         for r in records:
             if r.failure is None:
                 try:
-                    out.append(self._outputs(r, started, produced))
+                    out.append(self._outputs(r, started, produced, batch_fields))
                     continue
                 except Exception as exc:
                     r.stage = "verdict"
@@ -274,17 +286,18 @@ class ModerationPipeline:
         """check -> {name, version, provider, arm} for the checks that ran on this record."""
         return {check: info for check, info in assignment.models().items() if assignment.stages[check].ref in results}
 
-    def _outputs(self, record: _Record, started: float, produced: int) -> list[Output]:
+    def _outputs(self, record: _Record, started: float, produced: int, batch_fields: dict[str, Any]) -> list[Output]:
         """The verdict, and the shadow verdict when this record ran a shadow version that succeeded."""
         assignment, results = record.assignment, record.results
-        outputs = [self._verdict(record, started, produced, assignment)]
+        outputs = [self._verdict(record, started, produced, batch_fields, assignment)]
         if assignment.shadows and self.shadow_topic:
             if all(s.ref in results for s in assignment.shadows.values()):
-                outputs.append(self._verdict(record, started, produced, assignment.shadowed(), shadow_of=assignment))
+                outputs.append(self._verdict(record, started, produced, batch_fields, assignment.shadowed(),
+                                             shadow_of=assignment))
         return outputs
 
-    def _verdict(self, record: _Record, started: float, produced: int, assignment: Assignment,
-                 shadow_of: Assignment | None = None) -> Output:
+    def _verdict(self, record: _Record, started: float, produced: int, batch_fields: dict[str, Any],
+                 assignment: Assignment, shadow_of: Assignment | None = None) -> Output:
         source, results, record_id = record.source, record.results, record.record_id
         judgement = self.moderator.judgement(results, assignment)
         verdict = {
@@ -300,6 +313,7 @@ class ModerationPipeline:
             "source": source.coordinates(),
             "worker": WORKER_ID,
             "produced_at_ms": produced,
+            **batch_fields,
             **self.extra,
         }
         redacted = self.moderator.policy.redacted(record.text, judgement["entities"])
