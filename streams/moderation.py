@@ -177,6 +177,8 @@ class ModerationPipeline:
 
     async def _handle(self, records: list[_Record]) -> list[list[Output]]:
         lease = None
+        degradation = self.moderator.degradation()  # the rungs in force when the versions are assigned
+        batch_fields = {"degradation": degradation} if degradation is not None else {}
         try:
             self._assign(records)
             # one lease for the batch on every version its records were assigned: none retires under them
@@ -184,13 +186,13 @@ class ModerationPipeline:
             await self._prepare(records)
             started = time.perf_counter()
             await self._judge(records)
-            return self._finish(records, started)
+            return self._finish(records, started, batch_fields)
         except Exception as exc:  # a bug in the batch machinery: dead-letter what is unfinished, lose nothing
             log.exception("batch of %d records failed: %s", len(records), exc)
             for r in records:
                 if r.failure is None:
                     r.fail(exc)
-            return self._finish(records, time.perf_counter())
+            return self._finish(records, time.perf_counter(), batch_fields)
         finally:
             if lease is not None:
                 lease.release()
@@ -241,11 +243,9 @@ class ModerationPipeline:
                 r.results = results
             r.items = None  # tensors are not needed any more: free them before the verdicts are built
 
-    def _finish(self, records: list[_Record], started: float) -> list[list[Output]]:
+    def _finish(self, records: list[_Record], started: float, batch_fields: dict[str, Any]) -> list[list[Output]]:
         """Each record's verdict (and shadow verdict), or its dead letter."""
         produced = now_ms()
-        degradation = self.moderator.degradation()
-        batch_fields = {"degradation": degradation} if degradation is not None else {}
         out = []
         for r in records:
             if r.failure is None:
