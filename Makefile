@@ -9,7 +9,7 @@ comma   := ,
 STAMP   := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 PYTEST_ARGS ?=
 
-.PHONY: install models run test rtsp-test-deps deploy-test-tools bench eval lint clean
+.PHONY: install models run test rtsp-test-deps deploy-test-tools bench bench-adaptive eval lint clean
 
 install: $(STAMP)
 
@@ -59,6 +59,10 @@ bench: models
 	$(BIN)/python bench/frames_throughput.py
 	$(BIN)/python bench/models_throughput.py
 	$(BIN)/python bench/events_throughput.py
+
+# Step load (30% -> 200% -> 30% of capacity) against fixed batching, the controller, and the ladder (~12 min)
+bench-adaptive: models
+	$(BIN)/python bench/adaptive.py
 
 # PII evaluation: our NER model + recognizers vs Presidio on tests/data/pii_eval.jsonl -> bench/results/pii_eval.json
 eval: models
