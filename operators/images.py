@@ -90,7 +90,8 @@ def pixels_of(image: np.ndarray | SourceImage) -> tuple[np.ndarray, int, int]:
     """(pixels, original width, original height) of an array or a SourceImage."""
     if isinstance(image, SourceImage):
         return image.rgb, image.width, image.height
-    return image, image.shape[1] if getattr(image, "ndim", 0) >= 2 else 0, image.shape[0] if getattr(image, "ndim", 0) >= 2 else 0
+    height, width = image.shape[:2] if getattr(image, "ndim", 0) >= 2 else (0, 0)
+    return image, width, height
 
 
 # libjpeg decodes straight to 1/2, 1/4 or 1/8 of the size in the DCT domain (measured on 640x480:

@@ -51,9 +51,8 @@ log = logging.getLogger(__name__)
 WORKER_ID = f"{socket.gethostname()}/{os.getpid()}"
 
 
-def source_of(message: Any) -> SourceRecord:
-    """The coordinates and payload of a Faust message (or a Faust event: its `.message`)."""
-    m = getattr(message, "message", message)
+def source_of(m: Any) -> SourceRecord:
+    """The coordinates and payload of a Faust message (streams/batches.py hands messages over)."""
     ts = m.timestamp
     return SourceRecord(m.topic, m.partition, m.offset, int(ts * 1000) if ts else None, m.key, decode_headers(m.headers), m.value)
 
@@ -117,14 +116,6 @@ class ModerationPipeline:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     # ----------------------------------------------------------------------------- the record path
-    async def handle_frame(self, source: SourceRecord) -> list[Output]:
-        """One frame's outputs (a batch of one). Never raises: every failure becomes a dead letter."""
-        return (await self.handle_frames([source]))[0]
-
-    async def handle_post(self, source: SourceRecord) -> list[Output]:
-        """One post's outputs (a batch of one). Never raises: every failure becomes a dead letter."""
-        return (await self.handle_posts([source]))[0]
-
     async def handle_frames(self, sources: list[SourceRecord]) -> list[list[Output]]:
         """The outputs of each frame, in order. Never raises: every failure becomes a dead letter. While a
         degraded rung's frame stride N is in force, only every Nth frame of a stream is judged; the
@@ -210,9 +201,16 @@ class ModerationPipeline:
 
     def _prepare_chunk(self, records: list[_Record]) -> None:
         parts, ready = [], []
+        reductions: dict[int, Any] = {}  # per assignment, not per record (records usually share one)
         for r in records:
             try:
-                rgb = None if r.image is None else decode_source(*r.image, self.limits, self._reduction(r.assignment))
+                if r.image is None:
+                    rgb = None
+                else:
+                    key = id(r.assignment)
+                    if key not in reductions:
+                        reductions[key] = self._reduction(r.assignment)
+                    rgb = decode_source(*r.image, self.limits, reductions[key])
             except Exception as exc:
                 r.fail(exc)
                 continue
