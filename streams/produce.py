@@ -2,7 +2,7 @@
 
 Every record is validated before it is sent, and every send is awaited: a producer that exits 0 has
 put every record on the broker. A frame too large for a Kafka message is refused with its index and
-size; it is never dropped silently. Many live cameras in one process: streams/cameras.py.
+size; it is never dropped silently. Many live cameras in one process: streams/cameras/.
 """
 
 from __future__ import annotations
