@@ -19,6 +19,10 @@ Rules by task (results are the operators' `as_dict()` forms):
 Redaction (off by default): `redact: true` (every entity the verdict lists) or `redact: {types: [EMAIL,
 PHONE]}` makes `Policy.redacted(text, entities)` return the text with those spans replaced by `[TYPE]`,
 for consumers that must not see PII; with no `redact` it returns None.
+
+Stream alerts (operators/alerts.py): `alerts: {k: 3, n: 5, m: 10, checks: [forbidden_objects]}` starts an
+alert when a frame check's violation (per label) is present in k of a stream's last n judged frames and
+ends it after m judged frames without it; `checks` defaults to every image check.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from operators.alerts import AlertRule, AlertRuleError
 from operators.pii_patterns import redact
 
 INPUTS = ("text", "image")
@@ -109,6 +114,7 @@ class Policy:
     source: str = "<inline>"
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
     redaction: Redaction | None = None  # None: no redacted copy of the text (the default)
+    alerts: AlertRule = AlertRule()  # stream alerts from frame verdicts: k of n frames to start, m to end
 
     def redacted(self, text: str | None, entities: list[dict[str, Any]]) -> str | None:
         """The text with the verdict's `entities` (of the redaction's types) replaced by `[TYPE]`; None
@@ -151,7 +157,14 @@ class Policy:
                 above=above, top_k=int(spec.get("top_k", 5)), violation=bool(spec.get("violation", True)),
                 required=bool(spec.get("required", True)),
             ))
-        return cls(tuple(checks), source, raw, Redaction.from_spec(raw.get("redact"), source))
+        try:
+            alerts = AlertRule.from_spec(raw.get("alerts"), source)
+        except AlertRuleError as exc:
+            raise PolicyError(str(exc)) from exc
+        unknown = alerts.checks - {c.name for c in checks if c.input == "image"}
+        if unknown:
+            raise PolicyError(f"{source}: alerts name checks that are not image checks: {sorted(unknown)}")
+        return cls(tuple(checks), source, raw, Redaction.from_spec(raw.get("redact"), source), alerts)
 
 
 def verdict_fields(policy_results: list[tuple[Check, str, Any]]) -> dict[str, Any]:
