@@ -8,20 +8,55 @@ a SavedModel directory (`backend:`, default from the file's extension; operators
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from operators import tasks
 from operators.backends import Backend, backend_for, open_backend
 from operators.degrade import LadderConfig, LadderConfigError
 
-TASKS = ("classify", "detect", "text-classify", "ner", "embed", "retrieve", "ctr")
+CANDIDATE = "candidate"  # config key: a version served only when named explicitly
 
 
 class ModelConfigError(ValueError):
     """A model directory that cannot be served, and why."""
+
+
+class ModelRef(str):
+    """`name` or `name@version`, parsed once. A str, so it keys dicts and reads in verdicts and logs as the
+    text it is; `ModelRef.of(name, version)` builds one.
+
+    >>> ref = ModelRef("tiny@2"); (ref.name, ref.version, ref == "tiny@2")
+    ('tiny', '2', True)
+    >>> ModelRef("tiny").version is None
+    True
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, name: str, version: str | None = None) -> ModelRef:
+        return cls(f"{name}@{version}" if version else name)
+
+    @property
+    def name(self) -> str:
+        return self.partition("@")[0]
+
+    @property
+    def version(self) -> str | None:
+        return self.partition("@")[2] or None
+
+
+yaml.SafeDumper.add_representer(ModelRef, lambda dumper, ref: dumper.represent_str(str(ref)))  # YAML as plain text
+
+
+def version_key(version: str) -> tuple:
+    """Repository order: numeric versions by number, then the others by name."""
+    return (0, int(version), "") if version.isdigit() else (1, 0, version)
 
 
 @dataclass(frozen=True)
@@ -58,8 +93,8 @@ class ModelConfig:
         return self.directory / self.file
 
     @property
-    def ref(self) -> str:
-        return f"{self.name}@{self.version}"
+    def ref(self) -> ModelRef:
+        return ModelRef.of(self.name, self.version)
 
     @classmethod
     def load(cls, directory: Path) -> ModelConfig:
@@ -73,8 +108,8 @@ class ModelConfig:
         if not isinstance(raw, dict):
             raise ModelConfigError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
         task = raw.get("task")
-        if task not in TASKS:
-            raise ModelConfigError(f"{path}: unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        if task not in tasks.names():
+            raise ModelConfigError(f"{path}: unknown task {task!r}; expected one of {', '.join(tasks.names())}")
         batching = raw.get("batching", {}) or {}
         runtime = raw.get("runtime", {}) or {}
         tensorrt = runtime.get("tensorrt", {}) or {}
@@ -150,7 +185,14 @@ class LoadedModel:
         return self.config.ref
 
 
+def _with_candidate(config_text: str, candidate: bool) -> str:
+    kept = "".join(line for line in config_text.splitlines(keepends=True) if line.strip() != f"{CANDIDATE}: true")
+    return kept.rstrip("\n") + f"\n{CANDIDATE}: true\n" if candidate else kept
+
+
 class ModelRepository:
+    """Owns the directory layout: version numbering, the candidate flag, and new versions appearing whole."""
+
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 
@@ -163,12 +205,23 @@ class ModelRepository:
         """Versions that have a config, oldest first (numeric order when versions are numbers)."""
         base = self.root / name
         found = [p.name for p in base.iterdir() if (p / "config.yaml").is_file()] if base.is_dir() else []
-        return sorted(found, key=lambda v: (0, int(v), "") if v.isdigit() else (1, 0, v))
+        return sorted(found, key=version_key)
+
+    def _config_path(self, name: str, version: str) -> Path:
+        path = self.root / name / version / "config.yaml"
+        if not path.is_file():
+            raise ModelConfigError(f"model {name!r} has no version {version!r}")
+        return path
 
     def is_candidate(self, name: str, version: str) -> bool:
         """A candidate version (e.g. fresh from `models quantize`) is served only when named explicitly."""
-        raw = yaml.safe_load((self.root / name / version / "config.yaml").read_text()) or {}
-        return isinstance(raw, dict) and bool(raw.get("candidate", False))
+        raw = yaml.safe_load(self._config_path(name, version).read_text()) or {}
+        return isinstance(raw, dict) and bool(raw.get(CANDIDATE, False))
+
+    def set_candidate(self, name: str, version: str, candidate: bool) -> None:
+        """Set or drop a version's `candidate: true` line; the rest of its config (and comments) is kept."""
+        path = self._config_path(name, version)
+        path.write_text(_with_candidate(path.read_text(), candidate))
 
     def serving_version(self, name: str) -> str:
         """What a bare `name` resolves to: the newest version that is not a candidate."""
@@ -181,19 +234,43 @@ class ModelRepository:
 
     def promote(self, name: str, version: str) -> None:
         """Make a candidate version servable by its bare name (drops its `candidate: true` line)."""
-        path = self.root / name / version / "config.yaml"
-        if not path.is_file():
-            raise ModelConfigError(f"model {name!r} has no version {version!r}")
-        kept = [line for line in path.read_text().splitlines(keepends=True) if line.strip() != "candidate: true"]
-        path.write_text("".join(kept))
+        self.set_candidate(name, version, False)
+
+    def next_version(self, name: str) -> str:
+        """One past the highest numeric version directory (with a config or not: never reuse a number)."""
+        base = self.root / name
+        numbers = [int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()] if base.is_dir() else []
+        return str(max(numbers, default=0) + 1)
+
+    def add_version(self, name: str, staging: Path, config_text: str,
+                    notes: Callable[[ModelRef], Mapping[str, str]] | None = None, candidate: bool = True) -> ModelRef:
+        """A finished staging directory (next to the versions of `name`) becomes the next free version:
+        renamed into place, given the files `notes(new ref)` names (e.g. a report that names the
+        version), and only then its config.yaml, so a worker scanning versions never sees half of one.
+        A `candidate` is never served by the bare name until promoted."""
+        for _ in range(5):
+            target = self.root / name / self.next_version(name)
+            try:
+                staging.rename(target)  # atomic; fails if another writer took the number meanwhile
+            except OSError:
+                continue
+            ref = ModelRef.of(name, target.name)
+            for file, text in (notes(ref) if notes else {}).items():
+                (target / file).write_text(text)
+            pending = target / "config.yaml.pending"
+            pending.write_text(_with_candidate(config_text, candidate))
+            pending.rename(target / "config.yaml")  # last: the version now exists
+            return ref
+        raise RuntimeError(f"could not claim a new version directory in {self.root / name}")
 
     def directory(self, ref: str) -> Path:
         """`name` (newest non-candidate version) or `name@version` -> that version's directory."""
-        name, _, version = ref.partition("@")
+        ref = ModelRef(ref)
+        name = ref.name
         versions = self.versions(name)
         if not versions:
             raise ModelConfigError(f"unknown model {name!r} in {self.root} (known: {', '.join(self.names()) or 'none'})")
-        version = version or self.serving_version(name)
+        version = ref.version or self.serving_version(name)
         if version not in versions:
             raise ModelConfigError(f"model {name!r} has no version {version!r} (have {', '.join(versions)})")
         return self.root / name / version
@@ -221,6 +298,7 @@ class ModelRepository:
         )
         labels = cfg.labels()
         out = session.outputs[0].shape
-        if labels and len(out) >= 2 and isinstance(out[-1], int) and out[-1] != len(labels) and cfg.task == "classify":
+        if (labels and len(out) >= 2 and isinstance(out[-1], int) and out[-1] != len(labels)
+                and tasks.get(cfg.task).labels_are_classes):
             raise ModelConfigError(f"{cfg.ref}: {len(labels)} labels but the model outputs {out[-1]} classes")
         return LoadedModel(cfg, session, labels)

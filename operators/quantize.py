@@ -1,7 +1,11 @@
-"""Quantize a repository model into a new version, and report what it cost and what it gained.
+"""Quantize a repository model into a new candidate version, and report what it cost and what it gained.
 
-    report = quantize("models", "efficientnet-lite0", "1", to="int8")
+    report = quantize("models", Plan("efficientnet-lite0@1", to="int8"))
     python -m operators.quantize models efficientnet-lite0 --to int8
+
+Four stages: `plan` (check the source version, choose the method, load it), `convert` (write the new
+graph), `evaluate` (accuracy by task against the FP32 version, operators/evaluation.py, and
+throughput), `add_candidate` (the repository's next version, flagged `candidate`).
 
 INT8 method, chosen from the graph (measured on this CPU, shared/notes/models-offline.md):
 - a graph with convolutions gets **static** QDQ quantization, per-channel weights, activations
@@ -12,22 +16,9 @@ INT8 method, chosen from the graph (measured on this CPU, shared/notes/models-of
 FP16 (`to="fp16"`) keeps float32 inputs and outputs and repairs what the converter gets wrong. It is
 for GPUs: on a CPU it is never faster.
 
-Calibration and held-out inputs for an image model are the scikit-image sample photos, with
-deterministic augmentations, through the model's own preprocessing (the operator that serves it);
-the held-out photos are never calibrated on. A CTR model gets valid feature rows from its own tables,
-a NER model real texts (tests/data/pii_posts.jsonl); other models seeded random inputs shaped from the
-model's inputs unless the caller passes real ones.
-
-Accuracy is judged by what the task's operator returns, FP32 against the new version on the same inputs:
-- classify: top-1 agreement (`compare_outputs`);
-- detect: detections matched greedily by IoU >= 0.5 and label, F1 (`compare_detections`);
-- ner: exact (type, start, end) entity agreement, F1 (`compare_entities`);
-- ctr: click probabilities, max abs difference and Spearman correlation (`compare_click_probabilities`);
-- anything else: max abs difference of raw outputs relative to their scale (`compare_outputs`).
-A graph the quantizer cannot change (string inputs, e.g. a scikit-learn TF-IDF pipeline) is refused.
-
-The new version is written to a hidden staging directory, renamed into place as the next free
-version number, and only then gets its config.yaml: a worker scanning versions never sees half of one.
+Calibration and held-out samples and the accuracy measure come from the model's task entry
+(operators/tasks.py -> operators/evaluation.py). A graph the quantizer cannot change (string inputs,
+e.g. a scikit-learn TF-IDF pipeline) is refused.
 """
 
 from __future__ import annotations
@@ -39,19 +30,20 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import yaml
 from onnx import TensorProto
 
-from operators.model_repository import LoadedModel, ModelConfig, ModelRepository
-from operators.session import OnnxSession, TensorSpec
+from operators import tasks
+from operators.evaluation import Feeds, Samples, batches, fit_batch, with_session
+from operators.model_repository import LoadedModel, ModelConfig, ModelRef, ModelRepository
+from operators.session import OnnxSession
 
 log = logging.getLogger(__name__)
 
@@ -62,111 +54,6 @@ _DYNAMIC_OPS = ["MatMul", "Attention", "LSTM", "Gather", "EmbedLayerNormalizatio
 _CONV_OPS = {"Conv", "ConvTranspose"}
 _QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
                   "QLinearConv", "QLinearMatMul", "DynamicQuantizeMatMul"}
-# Photos split once: calibration never sees a held-out photo. Grey ones are stacked to RGB.
-CALIBRATION_PHOTOS = ("astronaut", "rocket", "immunohistochemistry", "hubble_deep_field", "camera", "moon",
-                      "grass", "gravel", "clock", "page", "colorwheel", "cell")
-HELD_OUT_PHOTOS = ("chelsea", "coffee", "coins", "brick", "text", "retina")
-CTR_PAIRS = 2000  # held-out (user, item) pairs for a CTR model
-_BUILTIN_TEXTS = ("Huge thanks to Priya Raman at Barclays for sorting out my mortgage today",
-                  "Lost my wallet near Union Square, San Francisco. If found call 415-555-0187",
-                  "email me at jon.baker@example.com or ask Maria Lopez at Acme Corp in Berlin",
-                  "my passport number is X1234567, flying to Toronto with Air Canada tomorrow")
-
-Feeds = dict[str, np.ndarray]
-
-
-# ------------------------------------------------------------------------------------- inputs
-def sample_photo(name: str) -> np.ndarray:
-    """A scikit-image sample photo as RGB `(H, W, 3) uint8`."""
-    import skimage.data
-
-    img = np.asarray(getattr(skimage.data, name)())
-    if img.dtype == np.bool_:
-        img = img.astype(np.uint8) * 255
-    if img.ndim == 2:
-        img = np.repeat(img[..., None], 3, axis=2)
-    return np.ascontiguousarray(img[..., :3].astype(np.uint8))
-
-
-def augment(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One deterministic variant of an RGB `(H, W, 3) uint8` photo: a random crop (50-100% of each
-    side), maybe mirrored, with brightness/contrast jitter."""
-    h, w = rgb.shape[:2]
-    ch, cw = int(h * rng.uniform(0.5, 1.0)), int(w * rng.uniform(0.5, 1.0))
-    top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-    out = rgb[top : top + ch, left : left + cw]
-    if rng.random() < 0.5:
-        out = out[:, ::-1]
-    gain, offset = rng.uniform(0.7, 1.3), rng.uniform(-30, 30)
-    return np.ascontiguousarray(np.clip(out.astype(np.float32) * gain + offset, 0, 255).astype(np.uint8))
-
-
-def photo_set(names: Sequence[str], count: int, seed: int) -> list[np.ndarray]:
-    """`count` RGB images: each photo once, then augmented variants of them in turn (seeded)."""
-    photos = [sample_photo(n) for n in names]
-    rng = np.random.default_rng(seed)
-    images = photos[:count]
-    while len(images) < count:
-        images.append(augment(photos[len(images) % len(photos)], rng))
-    return images
-
-
-def image_transform(model: LoadedModel) -> Callable[[np.ndarray], np.ndarray] | None:
-    """RGB image -> the model's input tensor, by the operator that serves the model; None if not an image model."""
-    if model.config.task == "classify":
-        from operators.classify import ImageClassifier
-
-        return ImageClassifier(model).preprocess
-    if model.config.task == "detect":
-        from operators.detect import ObjectDetector
-
-        detector = ObjectDetector(model)
-        return lambda rgb: detector.preprocess(rgb)[0]
-    return None
-
-
-def synthetic_samples(specs: Sequence[TensorSpec], n: int, seed: int, free_dim: int = 16) -> Feeds:
-    """Seeded inputs shaped like `specs` (n rows; other unknown axes `free_dim`): normal floats,
-    token ids in [0, 100), ones for masks. Real inputs (`held_out=`) are better for text models."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for s in specs:
-        shape = (n, *(d if isinstance(d, int) else free_dim for d in s.shape[1:]))
-        if np.issubdtype(s.dtype, np.floating):
-            feeds[s.name] = rng.normal(size=shape).astype(s.dtype)
-        elif "mask" in s.name:
-            feeds[s.name] = np.ones(shape, s.dtype)
-        elif np.issubdtype(s.dtype, np.integer):
-            feeds[s.name] = rng.integers(0, 100, size=shape).astype(s.dtype)
-        elif s.dtype == np.bool_:
-            feeds[s.name] = np.ones(shape, np.bool_)
-        else:
-            raise ValueError(f"cannot make synthetic {s.dtype} input {s.name!r}: pass calibration= and held_out=")
-    return feeds
-
-
-def _as_samples(given: Any, specs: Sequence[TensorSpec]) -> Feeds:
-    """An array (single-input models), a {name: array} dict, or a sequence of such dicts -> {name: (N, ...)}."""
-    if isinstance(given, np.ndarray):
-        if len(specs) != 1:
-            raise ValueError(f"the model has {len(specs)} inputs: pass a dict of arrays, not one array")
-        return {specs[0].name: given}
-    if isinstance(given, Mapping):
-        return {k: np.asarray(v) for k, v in given.items()}
-    batches = list(given)
-    return {k: np.concatenate([np.asarray(b[k]) for b in batches]) for k in batches[0]}
-
-
-def _batches(samples: Feeds, batch: int) -> list[Feeds]:
-    n = len(next(iter(samples.values())))
-    return [{k: v[i : i + batch] for k, v in samples.items()} for i in range(0, n, batch)]
-
-
-def _fit_batch(samples: Feeds, batch: int) -> Feeds:
-    """Exactly `batch` rows, cycling through the samples."""
-    n = len(next(iter(samples.values())))
-    idx = np.arange(batch) % n
-    return {k: np.ascontiguousarray(v[idx]) for k, v in samples.items()}
 
 
 # ------------------------------------------------------------------------------------ methods
@@ -304,188 +191,6 @@ def measure_throughput(sessions: Mapping[str, OnnxSession], feeds: Feeds, second
     return {key: runs[key] * batch / spent[key] for key in sessions}
 
 
-def _detections(model: LoadedModel, images: Sequence[np.ndarray], batch: int) -> list[Any]:
-    """`Detections` of each RGB image by the model's ObjectDetector, `batch` images per call."""
-    from operators.detect import ObjectDetector
-
-    detector = ObjectDetector(model)
-    items = [detector.preprocess(img) for img in images]
-    return [d for i in range(0, len(items), batch) for d in detector.run_batch(items[i : i + batch])]
-
-
-def _ranker(model: LoadedModel) -> Any:
-    from operators.ranking import CandidateRanker
-
-    return CandidateRanker(model)
-
-
-def _run_all(session: OnnxSession, samples: Feeds, batch: int) -> dict[str, np.ndarray]:
-    parts = [session.run(b) for b in _batches(samples, batch)]
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-def compare_outputs(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray], classify: bool,
-                    softmax: bool) -> dict[str, Any]:
-    """Accuracy change of `candidate` against `reference` on the same inputs.
-
-    Classifier (first output, `(N, C)` scores): top-1 agreement (overall, and where the reference is
-    at least 50% sure), how often the reference top-1 stays in the top 5, max/mean probability
-    difference; `drop` = the fraction of inputs whose top-1 class changed. Otherwise, over float outputs: max/mean
-    absolute difference; `drop` = max absolute difference relative to the largest reference value,
-    so one bound means the same for any output scale.
-    """
-    if classify:
-        from operators.classify import softmax as softmax_fn
-
-        name = next(iter(reference))
-        ref, cand = reference[name].astype(np.float64), candidate[name].astype(np.float64)
-        if softmax:
-            ref, cand = softmax_fn(ref), softmax_fn(cand)
-        top1 = ref.argmax(axis=1)
-        same = top1 == cand.argmax(axis=1)
-        confident = ref.max(axis=1) >= 0.5  # flips among these matter; the rest are near-ties
-        in_top5 = (np.argsort(-cand, axis=1)[:, :5] == top1[:, None]).any(axis=1)
-        diff = np.abs(ref - cand)
-        return {"metric": "top1_disagreement", "count": len(ref), "top1_agreement": float(same.mean()),
-                "top1_agreement_confident": float(same[confident].mean()) if confident.any() else None,
-                "confident_count": int(confident.sum()), "top1_in_top5": float(in_top5.mean()),
-                "max_prob_diff": float(diff.max()), "mean_prob_diff": float(diff.mean()), "drop": float(1.0 - same.mean())}
-    max_diff, mean_diffs, scale = 0.0, [], 0.0
-    for name, ref in reference.items():
-        if not np.issubdtype(ref.dtype, np.floating):
-            continue
-        diff = np.abs(ref.astype(np.float64) - candidate[name].astype(np.float64))
-        max_diff, scale = max(max_diff, float(diff.max())), max(scale, float(np.abs(ref).max()))
-        mean_diffs.append(float(diff.mean()))
-    return {"metric": "relative_max_abs_diff", "count": len(next(iter(reference.values()))),
-            "max_abs_diff": max_diff, "mean_abs_diff": float(np.mean(mean_diffs)) if mean_diffs else 0.0,
-            "drop": max_diff / scale if scale else max_diff}
-
-
-def ner_texts() -> list[str]:
-    """Real texts for a NER model: those of tests/data/pii_posts.jsonl (hand-written posts) when the
-    checkout has it, else a few built-in sentences."""
-    path = Path(__file__).resolve().parents[1] / "tests" / "data" / "pii_posts.jsonl"
-    if path.is_file():
-        return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
-    return list(_BUILTIN_TEXTS)
-
-
-def ctr_samples(ranker: Any, count: int, seed: int) -> Feeds:
-    """`count` valid (user, item) pairs from a CTR model's own feature tables (ranker:
-    operators.ranking.CandidateRanker), built by `ctr_inputs` like served requests: known users and
-    items, their categories and popularity buckets, hours 0..23, recent-history buckets 0..4."""
-    from operators.ranking import ctr_inputs
-
-    rng = np.random.default_rng(seed)
-    window = rng.integers(0, ranker.recent_window + 1, count)
-    return ctr_inputs(rng.integers(0, len(ranker.users), count), rng.integers(0, len(ranker.items), count),
-                      rng.integers(0, 24, count), rng.integers(0, window + 1), window,
-                      ranker.item_categories, ranker.item_popularity_bucket)
-
-
-def _agreement(matched: int, n_reference: int, n_candidate: int) -> dict[str, float]:
-    """Precision/recall/F1 of the candidate's results against the reference's; nothing on either side = 1."""
-    return {"precision": matched / n_candidate if n_candidate else 1.0,
-            "recall": matched / n_reference if n_reference else 1.0,
-            "f1": 2 * matched / (n_reference + n_candidate) if n_reference + n_candidate else 1.0}
-
-
-def match_detections(reference: Any, candidate: Any, iou_threshold: float = 0.5) -> list[tuple[int, int, float]]:
-    """Greedy one-to-one matching of two `Detections` of one image: (reference index, candidate index,
-    IoU) pairs with the same class and IoU >= `iou_threshold`, highest IoU first."""
-    from operators.detect import box_iou
-
-    if not len(reference) or not len(candidate):
-        return []
-    iou = box_iou(np.asarray(reference.boxes, np.float64), np.asarray(candidate.boxes, np.float64))
-    iou = np.where(np.asarray(reference.class_ids)[:, None] == np.asarray(candidate.class_ids)[None, :], iou, -1.0)
-    pairs = np.argwhere(iou >= iou_threshold)
-    pairs = pairs[np.argsort(-iou[pairs[:, 0], pairs[:, 1]], kind="stable")]
-    used_ref, used_cand, matches = set(), set(), []
-    for r, c in pairs.tolist():
-        if r not in used_ref and c not in used_cand:
-            used_ref.add(r)
-            used_cand.add(c)
-            matches.append((r, c, float(iou[r, c])))
-    return matches
-
-
-def compare_detections(reference: Sequence[Any], candidate: Sequence[Any], iou_threshold: float = 0.5) -> dict[str, Any]:
-    """Detection model: per image, the candidate's `Detections` matched to the reference's
-    (`match_detections`). Precision/recall/F1 of candidate against reference detections over all images,
-    mean IoU of the matches, max score difference of matched pairs; `drop` = 1 - F1."""
-    matched, ious, score_diffs = 0, [], [0.0]
-    for ref, cand in zip(reference, candidate, strict=True):
-        for r, c, iou in match_detections(ref, cand, iou_threshold):
-            matched += 1
-            ious.append(iou)
-            score_diffs.append(abs(float(ref.scores[r]) - float(cand.scores[c])))
-    n_ref, n_cand = sum(len(d) for d in reference), sum(len(d) for d in candidate)
-    scores = _agreement(matched, n_ref, n_cand)
-    return {"metric": "detection_f1_vs_fp32", "count": len(reference), "iou_threshold": iou_threshold,
-            "reference_detections": n_ref, "candidate_detections": n_cand, "matched": matched, **scores,
-            "mean_iou": float(np.mean(ious)) if ious else None, "max_score_diff": max(score_diffs),
-            "drop": 1.0 - scores["f1"]}
-
-
-def compare_entities(reference: Sequence[Iterable[Any]], candidate: Sequence[Iterable[Any]]) -> dict[str, Any]:
-    """NER model: per text, the candidate's entities against the reference's by exact (type, start,
-    end); precision/recall/F1 over all texts, the share of texts with identical entities; `drop` = 1 - F1."""
-    matched = n_ref = n_cand = same_texts = 0
-    for ref, cand in zip(reference, candidate, strict=True):
-        ref_spans, cand_spans = {(e.type, e.start, e.end) for e in ref}, {(e.type, e.start, e.end) for e in cand}
-        matched += len(ref_spans & cand_spans)
-        n_ref, n_cand = n_ref + len(ref_spans), n_cand + len(cand_spans)
-        same_texts += ref_spans == cand_spans
-    scores = _agreement(matched, n_ref, n_cand)
-    return {"metric": "entity_f1_vs_fp32", "count": len(reference), "reference_entities": n_ref,
-            "candidate_entities": n_cand, "matched": matched, **scores,
-            "identical_texts": same_texts / len(reference) if len(reference) else 1.0, "drop": 1.0 - scores["f1"]}
-
-
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks, ties sharing their average rank."""
-    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    return (np.cumsum(counts) - (counts - 1) / 2)[inverse.reshape(-1)]
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation (average ranks for ties); 1.0 for two equal constant vectors."""
-    ra, rb = _average_ranks(np.asarray(a).reshape(-1)), _average_ranks(np.asarray(b).reshape(-1))
-    if ra.std() == 0 or rb.std() == 0:
-        return 1.0 if np.array_equal(ra, rb) else 0.0
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def compare_click_probabilities(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
-    """CTR model: click probabilities of the same pairs. Max/mean absolute difference and the Spearman
-    rank correlation of the scores (ranking is what they are used for); `drop` = max abs difference."""
-    ref, cand = np.asarray(reference, np.float64).reshape(-1), np.asarray(candidate, np.float64).reshape(-1)
-    diff = np.abs(ref - cand)
-    return {"metric": "max_abs_click_probability_diff", "count": len(ref), "max_abs_diff": float(diff.max()),
-            "mean_abs_diff": float(diff.mean()), "spearman": spearman(ref, cand), "drop": float(diff.max())}
-
-
-# ------------------------------------------------------------------------------------ versions
-def next_free_version(model_dir: Path) -> str:
-    """One past the highest numeric version directory (with a config or not: never reuse a number)."""
-    numbers = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
-    return str(max(numbers, default=0) + 1)
-
-
-def _claim_version(staging: Path, model_dir: Path) -> Path:
-    """Rename the finished staging directory to the next free version number."""
-    for _ in range(5):
-        target = model_dir / next_free_version(model_dir)
-        try:
-            staging.rename(target)  # atomic; fails if another writer took the number meanwhile
-        except OSError:
-            continue
-        return target
-    raise RuntimeError(f"could not claim a new version directory in {model_dir}")
-
-
 def _package_version(name: str) -> str:
     try:
         return version(name)
@@ -493,93 +198,114 @@ def _package_version(name: str) -> str:
         return "unknown"
 
 
-# ------------------------------------------------------------------------------------- quantize
-def quantize(
-    repo_root: str | Path,
-    name: str,
-    version: str | None = None,
-    to: str = "int8",
-    calibration: Any = None,
-    max_accuracy_drop: float = 0.01,
-    *,
-    method: str = "auto",
-    held_out: Any = None,
-    calibration_count: int = 32,
-    held_out_count: int | None = None,
-    bench_seconds: float = 3.0,
-    providers: Sequence[str] | None = None,
-    intra_op_threads: int | None = None,
-    keep_rejected: bool = True,
-) -> dict[str, Any]:
-    """Quantize `name@version` (newest if None) of the repository at `repo_root` into a new version.
+# ----------------------------------------------------------------------------------------- plan
+@dataclass(frozen=True)
+class Plan:
+    """What to make of which version, and how to judge it. `ref`: `name` (newest non-candidate) or
+    `name@version`; `max_accuracy_drop` bounds the report's `accuracy.drop` (`promote_ok`); a version
+    over the bound is kept (as a candidate) unless `keep_rejected` is False. `held_out_count` None: the
+    task's default. `providers`/`intra_op_threads` None: the model's config."""
 
-    `calibration` / `held_out`: None (sample photos for image models, feature-table rows for CTR
-    models, real texts for NER models, seeded random inputs otherwise), one array (single-input
-    models), a `{input: array}` dict, or a sequence of such feeds; for a detection model `held_out`
-    is a list of RGB images, for a NER model a list of texts. `held_out_count`: None = the task's
-    default (48 images, CTR_PAIRS pairs, every text).
-    `max_accuracy_drop` bounds the report's `accuracy.drop`, measured per task (see the module
-    docstring); `promote_ok` says whether it held. The new version is kept either way unless
-    `keep_rejected=False`. A model the quantizer cannot change (string inputs) is refused.
-    Returns a JSON-able report, also written as `quantization.json` in the new version.
-    """
-    if to not in TARGETS:
-        raise ValueError(f"to must be one of {TARGETS}, not {to!r}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, not {method!r}")
-    repo = ModelRepository(repo_root)
-    cfg: ModelConfig = repo.config(f"{name}@{version}" if version else name)
+    ref: str
+    to: str = "int8"
+    method: str = "auto"
+    max_accuracy_drop: float = 0.01
+    keep_rejected: bool = True
+    calibration_count: int = 32
+    held_out_count: int | None = None
+    bench_seconds: float = 3.0
+    providers: tuple[str, ...] | None = None
+    intra_op_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.to not in TARGETS:
+            raise ValueError(f"to must be one of {TARGETS}, not {self.to!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, not {self.method!r}")
+
+
+@dataclass(frozen=True)
+class Source:
+    """The planned conversion: the FP32 version loaded as served, the method, the batch and the task's evaluation."""
+
+    config: ModelConfig
+    model: LoadedModel
+    method: str
+    batch: int
+    threads: int
+    providers: tuple[str, ...]
+    evaluation: Any  # operators/evaluation.py OutputEvaluation (or a task's own)
+
+
+def plan(repo: ModelRepository, p: Plan) -> Source:
+    """Check that `p.ref` can be quantized (ONNX, not yet quantized, float weights) and load it."""
+    cfg = repo.config(p.ref)
     if cfg.backend != "onnx":
         raise ValueError(f"{cfg.ref}: quantization works on ONNX models, this one is {cfg.backend}")
-    source_model = onnx.load(str(cfg.model_path))
-    if is_quantized(source_model):
+    graph = onnx.load(str(cfg.model_path))
+    if is_quantized(graph):
         raise ValueError(f"{cfg.ref} is already quantized; quantize its FP32 version")
-    strings = [i.name for i in source_model.graph.input if i.type.tensor_type.elem_type == TensorProto.STRING]
+    strings = [i.name for i in graph.graph.input if i.type.tensor_type.elem_type == TensorProto.STRING]
     if strings:
         raise ValueError(f"{cfg.ref}: quantization does not apply: the model reads strings ({', '.join(strings)}); "
                          "a converted pipeline like TF-IDF + linear model has no float MatMul/Conv weights to quantize")
-    chosen = "fp16" if to == "fp16" else (choose_method(source_model) if method == "auto" else method)
-    threads = cfg.intra_op_threads if intra_op_threads is None else intra_op_threads
-    run_providers = tuple(providers or cfg.providers)
-    fp32 = repo.load(cfg.ref, providers=run_providers, intra_op_threads=threads)
-    specs = fp32.session.inputs
-    static_batch = specs[0].shape[0] if specs and isinstance(specs[0].shape[0], int) else None
-    batch = static_batch or cfg.max_batch_size
-    to_tensor = image_transform(fp32)
-    task = cfg.task
-    ranker = _ranker(fp32) if task == "ctr" else None
+    method = "fp16" if p.to == "fp16" else (choose_method(graph) if p.method == "auto" else p.method)
+    threads = cfg.intra_op_threads if p.intra_op_threads is None else p.intra_op_threads
+    providers = tuple(p.providers or cfg.providers)
+    fp32 = repo.load(cfg.ref, providers=providers, intra_op_threads=threads)
+    first = fp32.session.inputs[0].shape[0] if fp32.session.inputs else None
+    batch = first if isinstance(first, int) else cfg.max_batch_size
+    return Source(cfg, fp32, method, batch, threads, providers, tasks.get(cfg.task).evaluation_for(fp32))
 
-    def samples(given: Any, photos: Sequence[str], count: int, seed: int) -> tuple[Feeds, str]:
-        if given is not None:
-            return _as_samples(given, specs), "given"
-        if to_tensor is not None:
-            return {specs[0].name: np.stack([to_tensor(img) for img in photo_set(photos, count, seed)])}, \
-                f"scikit-image sample photos {', '.join(photos)} + augmentations (seed {seed})"
-        if ranker is not None:
-            return ctr_samples(ranker, count, seed), f"{count} valid (user, item) rows from the model's feature tables (seed {seed})"
-        return synthetic_samples(specs, count, seed), f"seeded random inputs (seed {seed})"
 
-    images: list[np.ndarray] = []
-    tokenized: list[Any] = []
-    if task == "detect":  # the detector's own outputs are compared: it needs the images, not tensors
-        images = list(held_out) if held_out is not None else photo_set(HELD_OUT_PHOTOS, held_out_count or 48, seed=2)
-        held = {specs[0].name: np.stack([to_tensor(img) for img in images])}
-        held_source = "given images" if held_out is not None else \
-            f"scikit-image sample photos {', '.join(HELD_OUT_PHOTOS)} + augmentations (seed 2)"
-    elif task == "ner":
-        from operators.ner import TokenClassifier
-        from operators.tokens import pad_batch
-
-        texts = list(held_out) if held_out is not None else ner_texts()[:held_out_count]
-        tagger = TokenClassifier(fp32)
-        tokenized = [tagger.preprocess(t) for t in texts]
-        held = pad_batch(tokenized[:batch], tagger.tokenizer.pad_id, tagger.tokenizer.pad_type_id).feeds(specs)
-        held_source = f"{len(texts)} " + ("given texts" if held_out is not None else "texts (tests/data/pii_posts.jsonl)")
+# -------------------------------------------------------------------------------------- convert
+def convert(source: Source, out_path: Path, calibration: Samples | None) -> dict[str, Any]:
+    """Write the converted graph to `out_path`; refuses a graph the quantizer left unchanged."""
+    src = source.config.model_path
+    if source.method == "static":
+        details = quantize_static_qdq(src, out_path, batches(calibration.feeds, source.batch))
+    elif source.method == "dynamic":
+        details = quantize_dynamic_int8(src, out_path)
     else:
-        default_count = CTR_PAIRS if task == "ctr" else 48
-        held, held_source = samples(held_out, HELD_OUT_PHOTOS, held_out_count or default_count, seed=2)
-    model_dir = cfg.directory.parent
-    staging = Path(tempfile.mkdtemp(prefix=f".quantize-{to}-", dir=model_dir))
+        details = convert_fp16(src, out_path)
+    if not is_quantized(onnx.load(str(out_path))):
+        raise ValueError(f"{source.config.ref}: quantization does not apply: the {source.method} quantizer left the graph "
+                         f"unchanged (no weights of {_DYNAMIC_OPS if source.method == 'dynamic' else 'Conv/MatMul'} ops); "
+                         "no version written")
+    return details
+
+
+# ------------------------------------------------------------------------------------- evaluate
+def evaluate(source: Source, out_path: Path, held: Samples, bench_seconds: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(accuracy by the task's evaluation, throughput block) of the converted graph against the source."""
+    cfg = source.config
+    quantized = OnnxSession(out_path, providers=source.providers, intra_op_threads=source.threads,
+                            graph_optimization=cfg.graph_optimization)
+    accuracy = source.evaluation.accuracy(with_session(source.model, quantized), held, source.batch)
+    accuracy["inputs"] = held.source
+    speed = measure_throughput({"before": source.model.session, "after": quantized}, fit_batch(held.feeds, source.batch),
+                               bench_seconds)
+    throughput = {"batch": source.batch, "providers": quantized.providers, "intra_op_threads": source.threads,
+                  "before_per_s": round(speed["before"], 1), "after_per_s": round(speed["after"], 1),
+                  "speedup": round(speed["after"] / speed["before"], 3), "seconds": bench_seconds}
+    return accuracy, throughput
+
+
+# ------------------------------------------------------------------------------------- quantize
+def quantize(repo_root: str | Path, p: Plan, calibration: Any = None, held_out: Any = None) -> dict[str, Any]:
+    """Quantize `p.ref` of the repository at `repo_root` into a new candidate version.
+
+    `calibration` / `held_out`: None (the task's own samples, operators/evaluation.py), one array
+    (single-input models), a `{input: array}` dict, or a sequence of such feeds; for a detection model
+    `held_out` is a list of RGB images, for a NER model a list of texts.
+    Returns a JSON-able report, also written as `quantization.json` in the new version.
+    """
+    repo = ModelRepository(repo_root)
+    source = plan(repo, p)
+    cfg = source.config
+    held = source.evaluation.held_out(held_out, p.held_out_count, source.batch)
+    calib = source.evaluation.calibration(calibration, p.calibration_count) if source.method == "static" else None
+    staging = Path(tempfile.mkdtemp(prefix=f".quantize-{p.to}-", dir=cfg.directory.parent))
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; a version directory is not
@@ -588,68 +314,43 @@ def quantize(
             if entry.name.startswith(".") or entry.name in (cfg.file, "config.yaml"):
                 continue
             (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, staging / entry.name)
-        out_file = f"{Path(cfg.file).stem}.{to}.onnx"
-        out_path = staging / out_file
-        calibration_info = None
-        if chosen == "static":
-            calib, calib_source = samples(calibration, CALIBRATION_PHOTOS, calibration_count, seed=1)
-            details = quantize_static_qdq(cfg.model_path, out_path, _batches(calib, batch))
-            calibration_info = {"source": calib_source, "count": len(next(iter(calib.values())))}
-        elif chosen == "dynamic":
-            details = quantize_dynamic_int8(cfg.model_path, out_path)
-        else:
-            details = convert_fp16(cfg.model_path, out_path)
-        if not is_quantized(onnx.load(str(out_path))):
-            raise ValueError(f"{cfg.ref}: quantization does not apply: the {chosen} quantizer left the graph unchanged "
-                             f"(no weights of {_DYNAMIC_OPS if chosen == 'dynamic' else 'Conv/MatMul'} ops); no version written")
-        quantized = OnnxSession(out_path, providers=run_providers, intra_op_threads=threads,
-                                graph_optimization=cfg.graph_optimization)
-
-        candidate = replace(fp32, session=quantized)  # same config, labels, tables: the operators run it as served
-        if task == "detect":
-            accuracy = compare_detections(_detections(fp32, images, batch), _detections(candidate, images, batch))
-        elif task == "ner":
-            accuracy = compare_entities(TokenClassifier(fp32).run_batch(tokenized),
-                                        TokenClassifier(candidate).run_batch(tokenized))
-        elif task == "ctr":
-            accuracy = compare_click_probabilities(ranker.score(held), _ranker(candidate).score(held))
-        else:
-            accuracy = compare_outputs(_run_all(fp32.session, held, batch), _run_all(quantized, held, batch),
-                                       classify=task == "classify", softmax=bool(cfg.postprocess.get("softmax", True)))
-        accuracy["inputs"] = held_source
-        speed = measure_throughput({"before": fp32.session, "after": quantized}, _fit_batch(held, batch), bench_seconds)
-        before, after = cfg.model_path.stat().st_size, out_path.stat().st_size
-        promote_ok = accuracy["drop"] <= max_accuracy_drop
-        tool = "onnxconverter-common" if chosen == "fp16" else "onnxruntime"
+        out_file = f"{Path(cfg.file).stem}.{p.to}.onnx"
+        details = convert(source, staging / out_file, calib)
+        accuracy, throughput = evaluate(source, staging / out_file, held, p.bench_seconds)
+        before, after = cfg.model_path.stat().st_size, (staging / out_file).stat().st_size
+        tool = "onnxconverter-common" if source.method == "fp16" else "onnxruntime"
         report: dict[str, Any] = {
-            "source": cfg.ref,
-            "to": to,
-            "method": chosen,
-            "details": details,
-            "calibration": calibration_info,
+            "source": cfg.ref, "to": p.to, "method": source.method, "details": details,
+            "calibration": {"source": calib.source, "count": calib.count} if calib else None,
             "tool": f"{tool} {_package_version(tool)}",
             "size": {"before_bytes": before, "after_bytes": after, "ratio": round(before / after, 3)},
-            "throughput": {"batch": batch, "providers": quantized.providers, "intra_op_threads": threads,
-                           "before_per_s": round(speed["before"], 1), "after_per_s": round(speed["after"], 1),
-                           "speedup": round(speed["after"] / speed["before"], 3), "seconds": bench_seconds},
-            "accuracy": accuracy,
-            "max_accuracy_drop": max_accuracy_drop,
-            "promote_ok": promote_ok,
+            "throughput": throughput, "accuracy": accuracy, "max_accuracy_drop": p.max_accuracy_drop,
+            "promote_ok": accuracy["drop"] <= p.max_accuracy_drop,
         }
-        if not promote_ok and not keep_rejected:
+        if not report["promote_ok"] and not p.keep_rejected:
             shutil.rmtree(staging)
             return {**report, "target": None, "directory": None, "file": None}
-        (staging / "config.yaml.pending").write_text(_quantized_config(cfg, out_file, report))
-        target = _claim_version(staging, model_dir)
+        report = add_candidate(repo, cfg, staging, out_file, report)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    report = {**report, "target": f"{cfg.name}@{target.name}", "directory": str(target), "file": out_file}
-    (target / "quantization.json").write_text(json.dumps(report, indent=2))
-    (target / "config.yaml.pending").rename(target / "config.yaml")  # last: the version now exists
     log.info("%s -> %s (%s %s): %.1fx smaller, %.2fx speed, drop %.4f, promote_ok=%s", cfg.ref, report["target"],
-             to, chosen, report["size"]["ratio"], report["throughput"]["speedup"], accuracy["drop"], promote_ok)
+             p.to, source.method, report["size"]["ratio"], throughput["speedup"], accuracy["drop"], report["promote_ok"])
     return report
+
+
+def add_candidate(repo: ModelRepository, cfg: ModelConfig, staging: Path, out_file: str,
+                  report: dict[str, Any]) -> dict[str, Any]:
+    """The staging directory becomes the repository's next version of the model, a candidate, with
+    the report (naming that version) kept beside it as quantization.json."""
+    final: dict[str, Any] = {}
+
+    def notes(ref: ModelRef) -> dict[str, str]:
+        final.update(report, target=ref, directory=str(repo.root / ref.name / ref.version), file=out_file)
+        return {"quantization.json": json.dumps(final, indent=2)}
+
+    repo.add_version(cfg.name, staging, _quantized_config(cfg, out_file, report), notes, candidate=True)
+    return final
 
 
 def _quantized_config(cfg: ModelConfig, out_file: str, report: Mapping[str, Any]) -> str:
@@ -661,7 +362,6 @@ def _quantized_config(cfg: ModelConfig, out_file: str, report: Mapping[str, Any]
     source["quantization"] = {"to": report["to"], "method": report["method"], "tool": report["tool"],
                               "report": "quantization.json", "promote_ok": report["promote_ok"]}
     raw["source"] = source
-    raw["candidate"] = True  # never served by a bare name until promoted (inferstream models promote)
     header = (f"# {cfg.name}: {report['to']} ({report['method']}) quantization of {cfg.ref}, made by operators.quantize;\n"
               f"# size {report['size']['ratio']}x smaller, throughput x{report['throughput']['speedup']}, "
               f"accuracy drop {report['accuracy']['drop']:.4g} ({report['accuracy']['metric']}). See quantization.json.\n")
@@ -686,11 +386,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("operators").setLevel(logging.INFO)
-    report = quantize(args.repo_root, args.name, args.version, to=args.to, method=args.method,
-                      max_accuracy_drop=args.max_accuracy_drop, calibration_count=args.calibration_count,
-                      bench_seconds=args.bench_seconds, intra_op_threads=args.threads,
-                      providers=tuple(args.providers.split(",")) if args.providers else None,
-                      keep_rejected=not args.drop_rejected)
+    report = quantize(args.repo_root, Plan(
+        ModelRef.of(args.name, args.version), to=args.to, method=args.method, max_accuracy_drop=args.max_accuracy_drop,
+        calibration_count=args.calibration_count, bench_seconds=args.bench_seconds, intra_op_threads=args.threads,
+        providers=tuple(args.providers.split(",")) if args.providers else None, keep_rejected=not args.drop_rejected))
     print(json.dumps(report, indent=2))
     return 0 if report["promote_ok"] else 1
 

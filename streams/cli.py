@@ -243,9 +243,9 @@ def replay(ctx, source, start, end, output, models, policy, report, compare_topi
     """Re-process a range of posts or frames with pinned models into OUTPUT, under no consumer group."""
     from pathlib import Path
 
-    from streams.replay import ReplayError, ReplayOptions, parse_bound, run_replay
-    from streams.replay_report import compare, format_report, read_verdicts
-    from streams.schemas import VERDICTS
+    from streams.replay import ReplayError, ReplayOptions, run_replay
+    from streams.replay_range import parse_bound
+    from streams.replay_report import replay_report
 
     settings = _settings(ctx)
     try:
@@ -257,24 +257,10 @@ def replay(ctx, source, start, end, output, models, policy, report, compare_topi
     except ReplayError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(json.dumps(summary))
-    if report and source == "events":
-        from streams.replay_report import compare_lists, format_list_report
-        from streams.schemas import RECOMMENDATIONS
-
-        baseline_topic = compare_topic or settings.topic(RECOMMENDATIONS)
-        mine = [v for v in asyncio.run(read_verdicts(settings, output)) if v.get("replay", {}).get("run") == summary["run"]]
-        base = [v for v in asyncio.run(read_verdicts(settings, baseline_topic)) if compare_topic or "replay" not in v]
-        result = {"replay": summary, "baseline_topic": baseline_topic, **compare_lists(mine, base, k=settings.rec_k)}
+    if report:
+        result, text = asyncio.run(replay_report(settings, summary, compare_topic, lists=source == "events"))
         Path(report).write_text(json.dumps(result, indent=2))
-        click.echo(format_list_report(result), err=True)
-    elif report:
-        baseline_topic = compare_topic or settings.topic(VERDICTS)
-        mine = [v for v in asyncio.run(read_verdicts(settings, output)) if v.get("replay", {}).get("run") == summary["run"]]
-        base = [v for v in asyncio.run(read_verdicts(settings, baseline_topic))
-                if compare_topic or "replay" not in v]  # the live topic's own verdicts only
-        result = {"replay": summary, "baseline_topic": baseline_topic, **compare(mine, base)}
-        Path(report).write_text(json.dumps(result, indent=2))
-        click.echo(format_report(result), err=True)
+        click.echo(text, err=True)
 
 
 @main.command()
@@ -347,10 +333,11 @@ def models_promote(ctx, ref) -> None:
 @click.pass_context
 def models_quantize(ctx, name, version, to, max_accuracy_drop, drop_rejected) -> None:
     """Quantize a model into a new version and report size, speed and accuracy against the original."""
-    from operators.quantize import quantize
+    from operators.model_repository import ModelRef
+    from operators.quantize import Plan, quantize
 
-    report = quantize(_settings(ctx).model_dir, name, version, to=to, max_accuracy_drop=max_accuracy_drop,
-                      keep_rejected=not drop_rejected)
+    report = quantize(_settings(ctx).model_dir, Plan(ModelRef.of(name, version), to=to, max_accuracy_drop=max_accuracy_drop,
+                                                     keep_rejected=not drop_rejected))
     click.echo(json.dumps(report, indent=2))
     if not report.get("promote_ok"):
         click.echo(f"inferstream: {name} {to}: accuracy drop over {max_accuracy_drop}: not promotable", err=True)

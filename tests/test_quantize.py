@@ -16,21 +16,18 @@ import yaml
 from onnx import TensorProto, helper, numpy_helper
 from tiny_models import save_model
 
-from operators.model_repository import ModelRepository
-from operators.quantize import (
+from operators.evaluation import (
     CALIBRATION_PHOTOS,
     HELD_OUT_PHOTOS,
-    choose_method,
     compare_click_probabilities,
     compare_detections,
     compare_entities,
     compare_outputs,
     ctr_samples,
     match_detections,
-    next_free_version,
-    quantize,
-    repair_fp16_graph,
 )
+from operators.model_repository import ModelRepository
+from operators.quantize import Plan, choose_method, quantize, repair_fp16_graph
 
 FAST = {"bench_seconds": 0.1, "calibration_count": 12, "held_out_count": 12}
 
@@ -105,7 +102,7 @@ def _ops(path: Path) -> set[str]:
 
 # ------------------------------------------------------------------------------------------ INT8
 def test_cnn_gets_static_per_channel_qdq_calibrated_on_photos(repo):
-    report = quantize(repo, "cnn", "1", to="int8", **FAST)
+    report = quantize(repo, Plan("cnn@1", to="int8", **FAST))
     assert report["method"] == "static"
     assert report["details"]["format"] == "QDQ" and report["details"]["per_channel"] is True
     assert report["calibration"]["count"] == 12
@@ -119,7 +116,7 @@ def test_cnn_gets_static_per_channel_qdq_calibrated_on_photos(repo):
 
 
 def test_cnn_int8_outputs_stay_close_to_fp32_on_held_out_photos(repo):
-    accuracy = quantize(repo, "cnn", "1", to="int8", **FAST)["accuracy"]
+    accuracy = quantize(repo, Plan("cnn@1", to="int8", **FAST))["accuracy"]
     assert accuracy["metric"] == "top1_disagreement"
     assert accuracy["count"] == 12
     assert "chelsea" in accuracy["inputs"]
@@ -132,7 +129,7 @@ def test_calibration_and_held_out_photos_do_not_overlap():
 
 
 def test_mlp_gets_dynamic_int8_and_stays_close_to_fp32(repo):
-    report = quantize(repo, "mlp", "1", to="int8", **FAST)
+    report = quantize(repo, Plan("mlp@1", to="int8", **FAST))
     assert report["method"] == "dynamic"
     assert report["calibration"] is None
     ops = _ops(Path(report["directory"]) / report["file"])
@@ -150,7 +147,7 @@ def test_method_is_chosen_from_the_graph(tmp_path):
 
 
 def test_new_version_has_a_config_the_repository_loads(repo):
-    report = quantize(repo, "cnn", "1", to="int8", **FAST)
+    report = quantize(repo, Plan("cnn@1", to="int8", **FAST))
     assert report["target"] == "cnn@2"
     models = ModelRepository(repo)
     assert models.versions("cnn") == ["1", "2"]
@@ -172,7 +169,7 @@ def test_new_version_has_a_config_the_repository_loads(repo):
 
 
 def test_report_measures_size_and_throughput(repo):
-    report = quantize(repo, "mlp", "1", to="int8", **FAST)
+    report = quantize(repo, Plan("mlp@1", to="int8", **FAST))
     size, speed = report["size"], report["throughput"]
     assert size["before_bytes"] == (repo / "mlp" / "1" / "model.onnx").stat().st_size
     assert size["after_bytes"] < size["before_bytes"]
@@ -183,34 +180,34 @@ def test_report_measures_size_and_throughput(repo):
 
 
 def test_promote_ok_is_false_when_the_bound_is_impossibly_tight(repo):
-    assert quantize(repo, "mlp", "1", to="int8", max_accuracy_drop=0.5, **FAST)["promote_ok"] is True
-    report = quantize(repo, "mlp", "1", to="int8", max_accuracy_drop=0.0, **FAST)
+    assert quantize(repo, Plan("mlp@1", to="int8", max_accuracy_drop=0.5, **FAST))["promote_ok"] is True
+    report = quantize(repo, Plan("mlp@1", to="int8", max_accuracy_drop=0.0, **FAST))
     assert report["promote_ok"] is False
     assert ModelRepository(repo).config(report["target"]).source["quantization"]["promote_ok"] is False
 
 
 def test_rejected_version_can_be_dropped(repo):
-    report = quantize(repo, "mlp", "1", to="int8", max_accuracy_drop=0.0, keep_rejected=False, **FAST)
+    report = quantize(repo, Plan("mlp@1", to="int8", max_accuracy_drop=0.0, keep_rejected=False, **FAST))
     assert report["promote_ok"] is False and report["directory"] is None
     assert ModelRepository(repo).versions("mlp") == ["1"]
 
 
 def test_next_free_version_skips_every_numbered_directory(repo):
     (repo / "mlp" / "3").mkdir()  # no config, but the number is taken
-    assert next_free_version(repo / "mlp") == "4"
-    assert quantize(repo, "mlp", "1", **FAST)["target"] == "mlp@4"
+    assert ModelRepository(repo).next_version("mlp") == "4"
+    assert quantize(repo, Plan("mlp@1", **FAST))["target"] == "mlp@4"
 
 
 def test_quantizing_a_quantized_model_is_refused(repo):
-    report = quantize(repo, "mlp", "1", **FAST)
+    report = quantize(repo, Plan("mlp@1", **FAST))
     with pytest.raises(ValueError, match="already quantized"):
-        quantize(repo, "mlp", report["target"].split("@")[1], **FAST)
+        quantize(repo, Plan(report["target"], **FAST))
 
 
 def test_given_calibration_and_held_out_inputs_are_used(repo):
     rng = np.random.default_rng(5)
-    report = quantize(repo, "cnn", "1", calibration=rng.uniform(size=(10, 3, 32, 32)).astype(np.float32),
-                      held_out={"input": rng.uniform(size=(6, 3, 32, 32)).astype(np.float32)}, bench_seconds=0.1)
+    report = quantize(repo, Plan("cnn@1", bench_seconds=0.1), calibration=rng.uniform(size=(10, 3, 32, 32)).astype(np.float32),
+                      held_out={"input": rng.uniform(size=(6, 3, 32, 32)).astype(np.float32)})
     assert report["calibration"] == {"source": "given", "count": 10}
     assert report["accuracy"]["count"] == 6
 
@@ -218,7 +215,7 @@ def test_given_calibration_and_held_out_inputs_are_used(repo):
 # ------------------------------------------------------------------------------------------ FP16
 def test_fp16_conversion_loads_and_runs_with_float32_io(repo):
     pytest.importorskip("onnxconverter_common")
-    report = quantize(repo, "mlp", "1", to="fp16", max_accuracy_drop=0.01, **FAST)
+    report = quantize(repo, Plan("mlp@1", to="fp16", max_accuracy_drop=0.01, **FAST))
     assert report["method"] == "fp16"
     path = Path(report["directory"]) / report["file"]
     model = onnx.load(str(path))
@@ -281,9 +278,9 @@ def test_generic_comparison_is_relative_to_the_output_scale():
 
 def test_unknown_target_or_method_is_refused(repo):
     with pytest.raises(ValueError, match="int4"):
-        quantize(repo, "mlp", "1", to="int4")
+        quantize(repo, Plan("mlp@1", to="int4"))
     with pytest.raises(ValueError, match="method"):
-        quantize(repo, "mlp", "1", method="qat")
+        quantize(repo, Plan("mlp@1", method="qat"))
 
 
 # ------------------------------------------------------------------------------ task metrics
@@ -373,7 +370,7 @@ def test_string_input_model_is_refused_without_a_new_version(tmp_path):
 
     _write_version(root, "tox", strings, {"task": "text-classify"})
     with pytest.raises(ValueError, match="does not apply.*strings"):
-        quantize(root, "tox", "1", **FAST)
+        quantize(root, Plan("tox@1", **FAST))
     assert ModelRepository(root).versions("tox") == ["1"]
 
 
@@ -387,7 +384,7 @@ def test_graph_the_quantizer_leaves_unchanged_is_refused(tmp_path):
 
     _write_version(root, "relu", relu, {"task": "embed"})
     with pytest.raises(ValueError, match="left the graph unchanged"):
-        quantize(root, "relu", "1", **FAST)
+        quantize(root, Plan("relu@1", **FAST))
     assert ModelRepository(root).versions("relu") == ["1"]
     assert not [p for p in (root / "relu").iterdir() if p.name.startswith(".")]
 
