@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 from bench.frames_throughput import publish, sample_frames  # noqa: E402
 from operators.images import decode_image, encode_image  # noqa: E402
 from operators.model_repository import LoadedModel, ModelConfigError, ModelRepository  # noqa: E402
-from operators.moderation import operator_for  # noqa: E402
+from operators.tasks import get as task_of  # noqa: E402
 from streams.broker import EmbeddedBroker, free_port  # noqa: E402
 from streams.config import Settings  # noqa: E402
 from streams.kafka import consumer, ensure_topics  # noqa: E402
@@ -155,7 +155,7 @@ def session_feeds(operator: Any, model: LoadedModel, items: list[Any]) -> list[t
 
 
 def raw_throughput(model: LoadedModel, seconds: float) -> dict[str, Any]:
-    operator = operator_for(model)
+    operator = task_of(model.config.task).operator_for(model)
     cfg = model.config
     max_batch = cfg.max_batch_size
     pool_size = 2 * max_batch

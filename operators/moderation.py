@@ -17,13 +17,13 @@ from typing import Any
 
 import numpy as np
 
+from operators import tasks
 from operators.batcher import STREAM, BatchFailed
 from operators.degrade import DegradationLadder, LadderConfig
-from operators.model_repository import ModelRepository
+from operators.model_repository import ModelRef, ModelRepository
 from operators.policy import Policy, PolicyError, verdict_fields
-from operators.registry import MODERATION_TASKS, Lease, ModelRegistry, Stage, operator_for
-
-__all__ = ["Assignment", "ModelFailed", "Moderator", "Stage", "operator_for"]
+from operators.registry import ModelRegistry
+from operators.stages import Lease, Stage
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +108,9 @@ class Moderator:
         self.ladders: dict[str, DegradationLadder] = {}  # model name -> its ladder (configs that declare one)
         for check in policy.checks:
             cfg = self.registry.repo.config(check.model)
-            if cfg.task not in MODERATION_TASKS:
+            if tasks.get(cfg.task).rule is None:
                 raise PolicyError(f"{cfg.ref}: task {cfg.task!r} cannot serve a moderation check")
-            if "@" in check.model:
+            if ModelRef(check.model).version:
                 self._model_of[check.name] = (cfg.name, self.registry.fixed(cfg.ref).ref)
             else:
                 self.registry.route_sync(cfg.name)
@@ -125,12 +125,12 @@ class Moderator:
             return
         for rung in config.rungs:
             if rung.version is not None:
-                self.registry.fixed(f"{cfg.name}@{rung.version}")
+                self.registry.fixed(ModelRef.of(cfg.name, rung.version))
         self.ladders[cfg.name] = DegradationLadder(config)
 
     def inputs_of(self, name: str) -> set[str]:
         """The inputs (text, image) that the policy's checks of model `name` read."""
-        return {c.input for c in self.policy.checks if c.model.partition("@")[0] == name}
+        return {c.input for c in self.policy.checks if ModelRef(c.model).name == name}
 
     @property
     def frame_stride(self) -> int:
@@ -162,7 +162,7 @@ class Moderator:
             ladder = self.ladders.get(name)
             if ladder is not None and ladder.rung is not None and ladder.rung.version is not None:
                 # a degraded rung serves every record with its cheaper version (no A/B, no shadow on it)
-                stages[check], arms[check] = self.registry.stage(f"{name}@{ladder.rung.version}"), "degraded"
+                stages[check], arms[check] = self.registry.stage(ModelRef.of(name, ladder.rung.version)), "degraded"
                 continue
             stages[check], arms[check], shadow = self.registry.assign(name, key)
             if shadow is not None and shadows:
@@ -185,18 +185,10 @@ class Moderator:
         return self.registry.lease({id(s): s for a in assignments
                                     for s in (*a.stages.values(), *a.shadows.values())}.values())
 
-    def models_for(self, kind: str) -> list[str]:
-        serving = self.assign(None, lease=False)
-        return list(dict.fromkeys(serving.stages[c.name].ref for c in self.policy.for_input(kind)))
-
     @property
     def model_info(self) -> dict[str, dict[str, str]]:
         """check name -> the model (name, version, provider) that serves it by default."""
         return {check: stage.info for check, stage in self.assign(None, lease=False).stages.items()}
-
-    def policy_model(self, check_name: str) -> str:
-        """The stage (resolved `name@version`) that serves a check by default; its key in judge() results."""
-        return self.assign(None, lease=False).stages[check_name].ref
 
     def reduction_limit(self, assignment: Assignment, width: int, height: int) -> float:
         """How many times smaller than `width` x `height` this record's image may be decoded: the least

@@ -9,12 +9,13 @@ input it reads (`text` or `image`) and its rule; the rule's shape follows the mo
       nsfw:              {model: nudenet-320n, input: image, labels: [FEMALE_BREAST_EXPOSED], above: 0.5}
       forbidden_objects: {model: efficientnet-lite0, input: image, labels: [revolver, rifle], top_k: 3, above: 0.3}
 
-Rules by task (results are the operators' `as_dict()` forms):
-- text-classify: violation when the score of `label` is above `above`.
-- ner: entities of `types` scoring at least `above` are reported as sensitive; they are a violation
-  unless `violation: false` (report only).
-- detect: violation for each detection whose label is in `labels` and score is above `above`.
-- classify: violation when a label in `labels` is within the `top_k` and above `above`.
+Rules (`RULES`), each task entry of operators/tasks.py names the one that judges its results; a rule
+reads a result in its verdict form (`as_dict()`, taken here from the operator's typed result):
+- scores (text-classify): violation when the score of `label` is above `above`.
+- entities (ner): entities of `types` scoring at least `above` are reported as sensitive; they are a
+  violation unless `violation: false` (report only).
+- detections (detect): violation for each detection whose label is in `labels` and score is above `above`.
+- classes (classify): violation when a label in `labels` is within the `top_k` and above `above`.
 
 Redaction (off by default): `redact: true` (every entity the verdict lists) or `redact: {types: [EMAIL,
 PHONE]}` makes `Policy.redacted(text, entities)` return the text with those spans replaced by `[TYPE]`,
@@ -33,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from operators import tasks
 from operators.alerts import AlertRule, AlertRuleError
 from operators.pii_patterns import redact
 
@@ -55,40 +57,44 @@ class Check:
     above: float = 0.5
     top_k: int = 5
     violation: bool = True
-    required: bool = True
 
     def evaluate(self, task: str, result: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """(violations, report) for one model result in its `as_dict()` form. The report holds what the
-        verdict shows for this check (scores, sensitive entities, detections, classifications)."""
-        rule = getattr(self, f"_{task.replace('-', '_')}", None)
+        """(violations, report) for one result of a model of `task`: a typed result (or its `as_dict()`
+        form). The report holds what the verdict shows for this check (scores, sensitive entities,
+        detections, classifications)."""
+        rule = RULES.get(tasks.get(task).rule)
         if rule is None:
             raise PolicyError(f"check {self.name!r}: no rule for task {task!r}")
-        return rule(result)
+        return rule(self, result.as_dict() if hasattr(result, "as_dict") else result)  # typed -> verdict form
 
     def _violation(self, score: float, **extra: Any) -> dict[str, Any]:
         return {"check": self.name, "model": self.model, "score": round(float(score), 6), **extra}
 
-    def _text_classify(self, scores: dict[str, float]) -> tuple[list, dict]:
+    def _scores(self, scores: dict[str, float]) -> tuple[list, dict]:
         if self.label not in scores:
             raise PolicyError(f"check {self.name!r}: model has no label {self.label!r} (has {sorted(scores)})")
         score = scores[self.label]
         violations = [self._violation(score, label=self.label)] if score > self.above else []
         return violations, {"scores": {self.name: scores}}
 
-    def _ner(self, entities: list[dict[str, Any]]) -> tuple[list, dict]:
+    def _entities(self, entities: list[dict[str, Any]]) -> tuple[list, dict]:
         sensitive = [e for e in entities if (not self.types or e["type"] in self.types) and e["score"] >= self.above]
         violations = []
         if sensitive and self.violation:
             violations = [self._violation(max(e["score"] for e in sensitive), types=sorted({e["type"] for e in sensitive}))]
         return violations, {"entities": sensitive}
 
-    def _detect(self, detections: list[dict[str, Any]]) -> tuple[list, dict]:
+    def _detections(self, detections: list[dict[str, Any]]) -> tuple[list, dict]:
         hits = [d for d in detections if d["label"] in self.labels and d["score"] > self.above]
         return [self._violation(d["score"], label=d["label"], box=d["box"]) for d in hits], {"detections": detections}
 
-    def _classify(self, classes: list[dict[str, Any]]) -> tuple[list, dict]:
+    def _classes(self, classes: list[dict[str, Any]]) -> tuple[list, dict]:
         hits = [c for c in classes[: self.top_k] if c["label"] in self.labels and c["score"] > self.above]
         return [self._violation(c["score"], label=c["label"]) for c in hits], {"classifications": classes}
+
+
+# rule name (a task entry's `rule`) -> the check's method that applies it
+RULES = {"scores": Check._scores, "entities": Check._entities, "detections": Check._detections, "classes": Check._classes}
 
 
 @dataclass(frozen=True)
@@ -143,7 +149,11 @@ class Policy:
         for name, spec in raw["checks"].items():
             if not isinstance(spec, dict):
                 raise PolicyError(f"{source}: check {name!r} must be a mapping")
-            unknown = set(spec) - _RULE_KEYS - {"model", "input", "required"}
+            if "required" in spec:  # there is no optional check: a model that fails dead-letters the record
+                raise PolicyError(f"{source}: check {name!r}: 'required' is not supported: every check runs on "
+                                  "every record that has its input, and a record whose model fails is dead-lettered; "
+                                  "remove the key")
+            unknown = set(spec) - _RULE_KEYS - {"model", "input"}
             if unknown:
                 raise PolicyError(f"{source}: check {name!r} has unknown keys {sorted(unknown)}")
             if spec.get("input") not in INPUTS or not spec.get("model"):
@@ -155,7 +165,6 @@ class Policy:
                 name=str(name), model=str(spec["model"]), input=spec["input"], label=spec.get("label"),
                 labels=frozenset(map(str, spec.get("labels", []))), types=frozenset(map(str, spec.get("types", []))),
                 above=above, top_k=int(spec.get("top_k", 5)), violation=bool(spec.get("violation", True)),
-                required=bool(spec.get("required", True)),
             ))
         try:
             alerts = AlertRule.from_spec(raw.get("alerts"), source)

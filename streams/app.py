@@ -15,7 +15,8 @@ import faust
 from operators.model_repository import ModelRepository
 from operators.moderation import Moderator
 from operators.policy import Policy
-from operators.registry import ModelRegistry, RegistryHooks, Stage
+from operators.registry import ModelRegistry
+from operators.stages import RegistryHooks, Stage
 from streams import metrics, web
 from streams.batches import batches_of, use_batching_consumer
 from streams.config import Settings

@@ -32,7 +32,9 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from operators.model_repository import ModelConfigError
-from operators.registry import Lease, ModelRegistry, NotLoaded, TensorError, check_feeds, run_requests
+from operators.registry import ModelRegistry, NotLoaded
+from operators.stages import Lease
+from operators.tensors import TensorError, check_feeds, run_requests
 from streams import metrics
 from streams.admission import Admission, DeadlineExceeded, Refused
 from streams.config import Settings

@@ -21,16 +21,10 @@ from operators.errors import BadInput
 from operators.images import ImageLimits, decode_image
 from operators.model_repository import ModelConfigError
 from operators.moderation import ModelFailed
-from operators.registry import (
-    Conflict,
-    LoadFailed,
-    ModelRegistry,
-    NotLoaded,
-    ServingStateError,
-    TensorError,
-    check_feeds,
-    run_requests,
-)
+from operators.registry import ModelRegistry, NotLoaded
+from operators.serving_state import Conflict, ServingStateError
+from operators.stages import LoadFailed
+from operators.tensors import TensorError, check_feeds, run_requests
 from streams.admission import MODERATE, Admission, DeadlineExceeded, Refused
 from streams.config import Settings
 

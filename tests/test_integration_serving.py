@@ -22,15 +22,8 @@ from test_registry import add_version
 from tiny_models import tiny_logits
 
 from operators.classify import ImagePreprocess, preprocess_image, softmax
-from operators.registry import (
-    STATE_FILE,
-    ModelState,
-    ServingState,
-    Shadow,
-    choose_arm,
-    in_shadow_sample,
-    normalised_split,
-)
+from operators.routing import Shadow, choose_arm, in_shadow_sample, normalised_split
+from operators.serving_state import STATE_FILE, ModelState, ServingState
 from streams.broker import free_port
 from streams.grpc_server import to_array, to_tensor
 from streams.kafka import ensure_topics, producer

@@ -20,22 +20,10 @@ from operators.classify import ImagePreprocess, preprocess_image, softmax
 from operators.model_repository import ModelConfigError, ModelRepository
 from operators.moderation import Moderator
 from operators.policy import Policy
-from operators.registry import (
-    STATE_FILE,
-    Conflict,
-    LoadFailed,
-    ModelRegistry,
-    ModelState,
-    RegistryHooks,
-    Route,
-    ServingState,
-    ServingStateError,
-    Shadow,
-    bucket,
-    choose_arm,
-    in_shadow_sample,
-    normalised_split,
-)
+from operators.registry import ModelRegistry
+from operators.routing import Route, Shadow, bucket, choose_arm, in_shadow_sample, normalised_split
+from operators.serving_state import STATE_FILE, Conflict, ModelState, ServingState, ServingStateError
+from operators.stages import LoadFailed, RegistryHooks
 
 REPO = Path(__file__).resolve().parent.parent
 PRE = ImagePreprocess(height=32, width=32, resize="stretch", mean=(0, 0, 0), std=(255, 255, 255))
@@ -105,7 +93,7 @@ def test_assignment_is_stable_across_processes():
     """A different process (another hash seed) assigns every key the same arm: restarts and replays agree."""
     keys = KEYS[:500]
     split = {"1": 50, "2": 30, "3": 20}
-    code = ("import json, sys; from operators.registry import choose_arm, normalised_split; "
+    code = ("import json, sys; from operators.routing import choose_arm, normalised_split; "
             f"print(json.dumps([choose_arm(k, 'tiny', normalised_split({split!r})) for k in {keys!r}]))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONHASHSEED": "12345"})

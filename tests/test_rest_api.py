@@ -22,7 +22,8 @@ from operators.images import encode_image
 from operators.model_repository import ModelRepository
 from operators.moderation import Moderator
 from operators.policy import Policy
-from operators.registry import STATE_FILE, ModelRegistry, ServingState
+from operators.registry import ModelRegistry
+from operators.serving_state import STATE_FILE, ServingState
 from streams import web
 from streams.app import create_app
 from streams.config import REPO_MODELS, Settings
