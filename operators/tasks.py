@@ -23,13 +23,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import import_module
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from operators.model_repository import LoadedModel
-
+# The model an operator serves is an operators.model_repository.LoadedModel; not imported here, because
+# the repository looks tasks up in this module (no import cycle, even for type checking).
+LoadedModel = Any
 INPUTS = ("image", "text")
 
 
