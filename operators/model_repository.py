@@ -8,6 +8,7 @@ a SavedModel directory (`backend:`, default from the file's extension; operators
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,6 +263,15 @@ class ModelRepository:
             pending.rename(target / "config.yaml")  # last: the version now exists
             return ref
         raise RuntimeError(f"could not claim a new version directory in {self.root / name}")
+
+    def signature(self, ref: str) -> tuple:
+        """Changes when any file of a version directory changes (a model being copied in, a fixed config)."""
+        directory = self.root / ModelRef(ref).name / (ModelRef(ref).version or "")
+        try:
+            return tuple(sorted((str(p.relative_to(directory)), p.stat().st_mtime_ns, p.stat().st_size)
+                                for p in directory.rglob("*") if p.is_file()))
+        except OSError:
+            return (time.time(),)  # vanished while listing: differs from any recorded signature
 
     def directory(self, ref: str) -> Path:
         """`name` (newest non-candidate version) or `name@version` -> that version's directory."""

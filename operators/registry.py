@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -28,22 +27,21 @@ from typing import Any
 import yaml
 
 from operators.model_repository import ModelConfigError, ModelRef, ModelRepository, version_key
-from operators.routing import Route, normalised_split
+from operators.routing import Route
 from operators.serving_state import (
     DEFAULT_POLL_INTERVAL_S,
     STATE_FILE,
-    Conflict,
     ModelState,
     ServingState,
     ServingStateError,
+    desired_route,
+    file_signature,
     parse_shadow,
     parse_split,
 )
 from operators.stages import Lease, LoadFailed, RegistryHooks, Stage, open_stage
 
 log = logging.getLogger(__name__)
-
-HISTORY_LIMIT = 20
 
 
 class NotLoaded(LookupError):
@@ -65,7 +63,7 @@ class ModelRegistry:
         self.hooks = hooks or RegistryHooks()
         self.warm_up = warm_up
         self.state = ServingState.load(self.state_path)  # a broken file fails start-up, loudly
-        self._state_signature = _file_signature(self.state_path)
+        self._state_signature = file_signature(self.state_path)
         self._stages: dict[str, Stage] = {}  # ref -> the live stage (routed or fixed)
         self._routes: dict[str, Route] = {}
         self._fixed: set[str] = set()  # refs a policy names explicitly: never retired
@@ -143,7 +141,7 @@ class ModelRegistry:
             return loaded[ref]
 
         try:
-            desired = self._desired(name, self.state.model(name))
+            desired = desired_route(self.repo, name, self.state.model(name))
         except (ModelConfigError, ServingStateError) as exc:
             log.error("%s: serving state cannot be applied (%s); serving the repository default", name, exc)
             desired = Route(name, self.repo.serving_version(name))
@@ -178,24 +176,6 @@ class ModelRegistry:
             self._close_now(stage)
         return route, [s for ref, s in loaded.items() if ref in needed]
 
-    def _desired(self, name: str, state: ModelState) -> Route:
-        """The route that the repository and a model's serving state ask for (validated, not loaded)."""
-        versions = self.repo.versions(name)
-        if not versions:
-            raise ModelConfigError(f"unknown model {name!r} in {self.repo.root}")
-
-        def check(version: str, what: str) -> str:
-            if version not in versions:
-                raise ModelConfigError(f"model {name!r} has no version {version!r} ({what}; have {', '.join(versions)})")
-            return version
-
-        serving = check(state.pin, "pinned") if state.pin else self.repo.serving_version(name)
-        split = {check(v, "in the split"): w for v, w in state.split.items()}
-        shadow = state.shadow
-        if shadow is not None:
-            check(shadow.version, "shadow")
-        return Route(name, serving, normalised_split(split), shadow)
-
     # ------------------------------------------------------------------------------------- loading
     def _load_stage(self, ref: str) -> Stage:
         """Load a version fully (operators/stages.py `open_stage`: a model that cannot run never serves).
@@ -207,7 +187,7 @@ class ModelRegistry:
         except Exception as exc:  # any failure of a new model is reported; the worker keeps serving
             detail = f"{type(exc).__name__}: {exc}"
             self.errors[ref] = detail
-            self._failed[ref] = _dir_signature(self._dir(ref))
+            self._failed[ref] = self.repo.signature(ref)
             self.hooks.on_failed(ref.name, ref.version, detail)
             log.error("model %s failed to load: %s", ref, detail)
             raise LoadFailed(ref, detail) from exc
@@ -319,7 +299,7 @@ class ModelRegistry:
             switched, failed = [], {}
             for name in list(self._routes):
                 try:
-                    desired = self._desired(name, self.state.model(name))
+                    desired = desired_route(self.repo, name, self.state.model(name))
                 except (ModelConfigError, OSError) as exc:
                     if (name, str(exc)) not in self._skip_logged:
                         self._skip_logged.add((name, str(exc)))
@@ -329,7 +309,7 @@ class ModelRegistry:
                 if desired == self._routes[name]:
                     continue
                 refs = [ModelRef.of(name, v) for v in desired.versions()]
-                if any(r in self._failed and self._failed[r] == _dir_signature(self._dir(r)) for r in refs):
+                if any(r in self._failed and self._failed[r] == self.repo.signature(r) for r in refs):
                     continue  # known bad and unchanged: keep serving what we have, quietly
                 try:
                     await self._switch(name, desired)
@@ -339,7 +319,7 @@ class ModelRegistry:
             return {"switched": switched, "failed": failed}
 
     def _reread_state(self) -> None:
-        signature = _file_signature(self.state_path)
+        signature = file_signature(self.state_path)
         if signature == self._state_signature:
             return
         try:
@@ -361,10 +341,6 @@ class ModelRegistry:
             except Exception:  # the poll must outlive any surprise; the next one retries
                 log.exception("model repository poll failed")
 
-    def _dir(self, ref: str) -> Path:
-        ref = ModelRef(ref)
-        return self.repo.root / ref.name / ref.version
-
     # ----------------------------------------------------------------------------------------- admin
     async def _change(self, name: str, update: Callable[[ModelState, Route], ModelState], reload: bool = False) -> Route:
         """Apply an admin change to a model's serving state: validate, load, write the file, switch."""
@@ -373,29 +349,21 @@ class ModelRegistry:
             self._reread_state()
             current = self._routes[name]
             new_state = update(self.state.model(name), current)
-            desired = self._desired(name, new_state)
+            desired = desired_route(self.repo, name, new_state)
             state = self.state.with_model(name, new_state)
 
             def commit() -> None:
                 state.save(self.state_path)
                 self.state = state
-                self._state_signature = _file_signature(self.state_path)
+                self._state_signature = file_signature(self.state_path)
 
             return await self._switch(name, desired, reload=reload, commit=commit)
-
-    @staticmethod
-    def _served(state: ModelState, current: Route, version: str | None) -> list[str]:
-        """History after the serving version changes from `current.serving` to `version`."""
-        history = list(state.history)
-        if version != current.serving and (not history or history[-1] != current.serving):
-            history.append(current.serving)
-        return history[-HISTORY_LIMIT:]
 
     async def pin(self, name: str, version: str | None) -> Route:
         """Serve `version` (loaded fully before the switch); None unpins (newest non-candidate)."""
         def update(state: ModelState, current: Route) -> ModelState:
             target = version or self.repo.serving_version(name)
-            return replace(state, pin=version, history=self._served(state, current, target))
+            return replace(state, pin=version, history=state.history_after(current.serving, target))
         return await self._change(name, update)
 
     async def promote(self, name: str, version: str) -> Route:
@@ -411,7 +379,7 @@ class ModelRegistry:
                 newest = self.repo.serving_version(name)
                 shadow = None if state.shadow and state.shadow.version == version else state.shadow
                 return ModelState(pin=None if version == newest else version, split={}, shadow=shadow,
-                                  history=self._served(state, current, version))
+                                  history=state.history_after(current.serving, version))
             return await self._change(name, update)
         except BaseException:
             if was_candidate:  # the version did not load: leave it a candidate
@@ -422,18 +390,9 @@ class ModelRegistry:
         """Serve (pinned) the previous serving version: the last of `history`, else the newest
         non-candidate version older than the current one."""
         def update(state: ModelState, current: Route) -> ModelState:
-            history = list(state.history)
-            while history and history[-1] == current.serving:
-                history.pop()
-            if history:
-                target = history.pop()
-            else:
-                older = [v for v in self.repo.versions(name) if version_key(v) < version_key(current.serving)
-                         and not self.repo.is_candidate(name, v)]
-                if not older:
-                    raise Conflict(f"model {name!r}: no version to roll back to from {current.serving}")
-                target = older[-1]
-            return replace(state, pin=target, history=history)
+            older = [v for v in self.repo.versions(name) if version_key(v) < version_key(current.serving)
+                     and not self.repo.is_candidate(name, v)]
+            return state.rolled_back(name, current.serving, older)
         return await self._change(name, update)
 
     async def set_split(self, name: str, weights: Mapping[str, Any] | None) -> Route:
@@ -524,22 +483,3 @@ def _safe(fn: Callable[..., Any], *args: Any) -> Any:
         return fn(*args)
     except (ModelConfigError, OSError, yaml.YAMLError):
         return None
-
-
-def _file_signature(path: Path) -> tuple:
-    try:
-        st = path.stat()
-    except OSError:
-        return ()
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-
-def _dir_signature(directory: Path) -> tuple:
-    """Changes when any file of a version directory changes (a model being copied in, a fixed config)."""
-    try:
-        return tuple(sorted((str(p.relative_to(directory)), p.stat().st_mtime_ns, p.stat().st_size)
-                            for p in directory.rglob("*") if p.is_file()))
-    except OSError:
-        return (time.time(),)  # vanished while listing: differs from any recorded signature
-
-

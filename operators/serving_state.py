@@ -6,17 +6,19 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
-from operators.routing import Shadow
+from operators.model_repository import ModelConfigError, ModelRepository
+from operators.routing import Route, Shadow, normalised_split
 
 STATE_FILE = "serving.yaml"
 DEFAULT_POLL_INTERVAL_S = 5.0
+HISTORY_LIMIT = 20
 
 
 class ServingStateError(ValueError):
@@ -47,6 +49,27 @@ class ModelState:
         if self.history:
             out["history"] = list(self.history)
         return out
+
+    def history_after(self, serving: str, version: str | None) -> list[str]:
+        """History after the serving version changes from `serving` to `version`."""
+        history = list(self.history)
+        if version != serving and (not history or history[-1] != serving):
+            history.append(serving)
+        return history[-HISTORY_LIMIT:]
+
+    def rolled_back(self, name: str, serving: str, older: list[str]) -> ModelState:
+        """Pinned to the previous serving version: the last of `history` that is not `serving`, else the
+        newest of `older` (the non-candidate versions older than `serving`, oldest first)."""
+        history = list(self.history)
+        while history and history[-1] == serving:
+            history.pop()
+        if history:
+            target = history.pop()
+        elif older:
+            target = older[-1]
+        else:
+            raise Conflict(f"model {name!r}: no version to roll back to from {serving}")
+        return replace(self, pin=target, history=history)
 
     @classmethod
     def from_dict(cls, name: str, raw: Any, source: str) -> ModelState:
@@ -163,3 +186,30 @@ class ServingState:
             raise
 
 
+
+
+def desired_route(repo: ModelRepository, name: str, state: ModelState) -> Route:
+    """The route that the repository and a model's serving state ask for (validated, not loaded)."""
+    versions = repo.versions(name)
+    if not versions:
+        raise ModelConfigError(f"unknown model {name!r} in {repo.root}")
+
+    def check(version: str, what: str) -> str:
+        if version not in versions:
+            raise ModelConfigError(f"model {name!r} has no version {version!r} ({what}; have {', '.join(versions)})")
+        return version
+
+    serving = check(state.pin, "pinned") if state.pin else repo.serving_version(name)
+    split = {check(v, "in the split"): w for v, w in state.split.items()}
+    if state.shadow is not None:
+        check(state.shadow.version, "shadow")
+    return Route(name, serving, normalised_split(split), state.shadow)
+
+
+def file_signature(path: Path) -> tuple:
+    """Changes when the file is rewritten (a poll re-reads the state file only then)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return ()
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
