@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from operators.model_repository import ModelConfigError, ModelRepository
+from operators.model_repository import ModelConfigError, ModelRef, ModelRepository
 
 DEFAULT_CHUNK_ITEMS = 32_768
 DEFAULT_QUERY_BATCH = 256  # users per top_k_dot call in CFRetriever.retrieve (bounds memory with chunk_items)
@@ -226,7 +226,7 @@ class CFRetriever:
         top-K settings. Read here rather than by ModelConfig.load, which only knows model runtimes."""
         directory = Path(directory)
         path = directory / "config.yaml"
-        ref = f"{directory.parent.name}@{directory.name}"
+        ref = ModelRef.of(directory.parent.name, directory.name)
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:

@@ -295,13 +295,13 @@ def models() -> None:
 @click.pass_context
 def models_list(ctx) -> None:
     """List models, versions, tasks and their tensors."""
-    from operators.model_repository import ModelConfigError, ModelRepository
+    from operators.model_repository import ModelConfigError, ModelRef, ModelRepository
 
     repo = ModelRepository(_settings(ctx).model_dir)
     for name in repo.names():
         for version in repo.versions(name):
             try:
-                loaded = repo.load(f"{name}@{version}", providers=("cpu",))
+                loaded = repo.load(ModelRef.of(name, version), providers=("cpu",))
                 row = {"model": name, "version": version, "task": loaded.config.task, **loaded.session.describe()}
             except ModelConfigError as exc:
                 row = {"model": name, "version": version, "error": str(exc)}
@@ -313,14 +313,14 @@ def models_list(ctx) -> None:
 @click.pass_context
 def models_promote(ctx, ref) -> None:
     """Make candidate NAME@VERSION the version a bare NAME resolves to (picked up at the next load)."""
-    from operators.model_repository import ModelRepository
+    from operators.model_repository import ModelRef, ModelRepository
 
-    name, _, version = ref.partition("@")
-    if not version:
+    ref = ModelRef(ref)
+    if not ref.version:
         raise click.UsageError("expected NAME@VERSION")
     repo = ModelRepository(_settings(ctx).model_dir)
-    repo.promote(name, version)
-    click.echo(json.dumps({"model": name, "serving_version": repo.serving_version(name)}))
+    repo.promote(ref.name, ref.version)
+    click.echo(json.dumps({"model": ref.name, "serving_version": repo.serving_version(ref.name)}))
 
 
 @models.command("quantize")

@@ -348,7 +348,7 @@ class ModerationPipeline:
         """`|name@version,...` of every check's model for this record (replays: keys name the versions)."""
         if not self.versioned_keys:
             return ""
-        return "|" + ",".join(sorted(f"{s.model.config.name}@{s.model.config.version}" for s in assignment.stages.values()))
+        return "|" + ",".join(sorted(s.ref for s in assignment.stages.values()))
 
     def _dead_letter(self, source: SourceRecord, reason: str, detail: str, stage: str) -> Output:
         metrics.DEAD_LETTERS.labels(source.topic, reason).inc()
