@@ -1,11 +1,14 @@
-"""Kafka clients configured from Settings (bootstrap, security, size limits) and topic creation."""
+"""Kafka clients configured from Settings (bootstrap, security, size limits), topic creation, and
+reading a range of a topic up to its high watermark (no consumer group: nobody's offsets move)."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
@@ -46,11 +49,17 @@ def consumer(settings: Settings, *topics: str, **overrides) -> AIOKafkaConsumer:
 
 async def ensure_topics(settings: Settings, names: tuple[str, ...] = ALL_TOPICS) -> list[str]:
     """Create the (prefixed) topics that do not exist yet; returns the ones created."""
+    return await ensure_named_topics(settings, [settings.topic(n) for n in names])
+
+
+async def ensure_named_topics(settings: Settings, topics: list[str]) -> list[str]:
+    """Create those of `topics` (full names, e.g. a replay's --output) that do not exist yet, with the
+    message size limit the clients use; returns the ones created."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, **settings.kafka_client_options())
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        wanted = [settings.topic(n) for n in names if settings.topic(n) not in existing]
+        wanted = list(dict.fromkeys(t for t in topics if t not in existing))
         if not wanted:
             return []
         compacted = {settings.topic(USER_STATE)}  # a changelog: the last state per user is what counts
@@ -82,6 +91,48 @@ async def fetch_high_watermarks(kafka, tps: list[TopicPartition], timeout_s: flo
     if missing:
         raise RuntimeError(f"no fetch response for partitions {[tp.partition for tp in missing]} within {timeout_s:.0f}s")
     return {tp.partition: kafka.highwater(tp) for tp in tps}
+
+
+async def read_range(kafka: AIOKafkaConsumer, offsets: dict[TopicPartition, range],
+                     max_records: int | None = None) -> AsyncIterator[tuple[TopicPartition, list[ConsumerRecord]]]:
+    """The records of each assigned partition whose offsets lie in its range, as (partition, records)
+    per fetch, in offset order; ends once every partition has reached the end of its range."""
+    active = []
+    for tp, wanted in offsets.items():
+        if wanted.start < wanted.stop:
+            kafka.seek(tp, wanted.start)
+            active.append(tp)
+    while active:
+        for tp, records in (await kafka.getmany(*active, timeout_ms=500, max_records=max_records)).items():
+            inside = [r for r in records if r.offset < offsets[tp].stop]
+            if inside:
+                yield tp, inside
+        active = [tp for tp in active if await kafka.position(tp) < offsets[tp].stop]
+
+
+async def read_to_high_watermark(settings: Settings, topic: str, partitions: list[int] | None = None,
+                                 timeout_s: float = 15.0) -> AsyncIterator[ConsumerRecord]:
+    """Every record of `topic` (or of its `partitions`) from the beginning up to the high watermark at
+    the call, read by a consumer of its own; a topic that does not exist has no records."""
+    kafka = consumer(settings, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest")
+    await kafka.start()
+    try:
+        if partitions is None:
+            if not kafka.partitions_for_topic(topic):
+                await kafka._client.force_metadata_update()  # created since this consumer started
+            partitions = sorted(kafka.partitions_for_topic(topic) or [])
+        tps = [TopicPartition(topic, p) for p in partitions]
+        if not tps:
+            return
+        kafka.assign(tps)
+        ends = await fetch_high_watermarks(kafka, tps, timeout_s)
+        beginnings = await kafka.beginning_offsets(tps)
+        async with aclosing(read_range(kafka, {tp: range(beginnings[tp], ends[tp.partition]) for tp in tps})) as fetches:
+            async for _, records in fetches:
+                for record in records:
+                    yield record
+    finally:
+        await kafka.stop()
 
 
 class PartitionsByKey:

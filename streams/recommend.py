@@ -29,10 +29,9 @@ import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from datetime import UTC, datetime, timedelta
 from typing import Any
-
-from aiokafka import TopicPartition
 
 from operators.errors import BadInput
 from operators.ranking import CandidateRanker, RankRequest
@@ -40,7 +39,7 @@ from operators.retrieval import CFRetriever, UserHistory
 from operators.user_state import UserState
 from streams import metrics
 from streams.config import Settings
-from streams.kafka import consumer, fetch_high_watermarks
+from streams.kafka import read_to_high_watermark
 from streams.logs import record_fields
 from streams.ordered import Output
 from streams.schemas import (
@@ -85,25 +84,15 @@ class StateStore:
             log.info("recovered %d user states of partition %d in %.2fs", n, partition, time.monotonic() - started)
 
     async def _recover(self, partition: int) -> int:
-        kafka = consumer(self.settings, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest")
-        await kafka.start()
-        try:
-            tp = TopicPartition(self.topic, partition)
-            kafka.assign([tp])
-            end = (await fetch_high_watermarks(kafka, [tp]))[partition]
-            kafka.seek(tp, (await kafka.beginning_offsets([tp]))[tp])
-            users = 0
-            while end and await kafka.position(tp) < end:
-                for records in (await kafka.getmany(tp, timeout_ms=500)).values():
-                    for r in records:
-                        if r.offset < end and r.value:
-                            state = UserState.from_dict(json.loads(r.value))
-                            users += state.user_id not in self.states
-                            self.states[state.user_id] = state
-                            self.partition_of[state.user_id] = partition
-            return users
-        finally:
-            await kafka.stop()
+        users = 0
+        async with aclosing(read_to_high_watermark(self.settings, self.topic, [partition])) as snapshots:
+            async for r in snapshots:
+                if r.value:
+                    state = UserState.from_dict(json.loads(r.value))
+                    users += state.user_id not in self.states
+                    self.states[state.user_id] = state
+                    self.partition_of[state.user_id] = partition
+        return users
 
     def forget(self, partitions: set[int]) -> None:
         """Partitions revoked: drop their states; recovered again if they come back."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import aclosing
 from datetime import datetime
 from typing import Any
 
@@ -22,8 +23,9 @@ from operators.ranking import CandidateRanker
 from operators.retrieval import CFRetriever
 from operators.user_state import UserState
 from streams.config import Settings
-from streams.kafka import consumer, ensure_topics, producer
+from streams.kafka import consumer, ensure_named_topics, ensure_topics, producer, read_range
 from streams.recommend import compute_lists
+from streams.replay_range import Bound, ReplayError, plan_range
 from streams.schemas import (
     DEAD_LETTERS,
     EVENTS,
@@ -41,28 +43,28 @@ def _pinned(ref: str, pins: tuple[str, ...]) -> str:
     return next((p for p in pins if p.partition("@")[0] == name), ref)
 
 
-async def replay_events(settings: Settings, options) -> dict[str, Any]:
-    from streams.replay import ReplayError, _in_time_range, ensure_output_topic, plan_range
-
+async def replay_events(settings: Settings, *, output: str, start: Bound, end: Bound, pins: tuple[str, ...] = (),
+                        dead_letters: str | None = None, batch_size: int = 64) -> dict[str, Any]:
+    """Lists of the users with an event between `start` and `end` into `output`, with the retrieval and
+    ranking models pinned by `pins` (NAME@VERSION)."""
     repo = ModelRepository(settings.model_dir)
-    retrieval_ref = _pinned(settings.retrieval_model, options.models)
-    ranking_ref = _pinned(settings.ranking_model, options.models) if settings.ranking_model else ""
-    unknown = [p for p in options.models if p.partition("@")[0] not in {retrieval_ref.partition("@")[0], ranking_ref.partition("@")[0]}]
+    retrieval_ref = _pinned(settings.retrieval_model, pins)
+    ranking_ref = _pinned(settings.ranking_model, pins) if settings.ranking_model else ""
+    unknown = [p for p in pins if p.partition("@")[0] not in {retrieval_ref.partition("@")[0], ranking_ref.partition("@")[0]}]
     if unknown:
         raise ReplayError(f"--model {', '.join(unknown)}: events replays use the retrieval and ranking models only")
     retriever = CFRetriever.from_repository(repo, retrieval_ref)
     ranker = CandidateRanker(repo.load(ranking_ref)) if ranking_ref else None
     models = {"retrieval": retriever.ref, **({"ranking": ranker.ref} if ranker else {})}
-    run = json.dumps({"source": settings.topic(EVENTS), "output": options.output, "from": options.start.__dict__,
-                      "to": options.end.__dict__, "models": models}, sort_keys=True)
+    run = json.dumps({"source": settings.topic(EVENTS), "output": output, "from": start.__dict__,
+                      "to": end.__dict__, "models": models}, sort_keys=True)
     digest = hashlib.sha256(run.encode()).hexdigest()[:12]
     suffix = "|" + ",".join(sorted(models.values()))
-    dead_topic = options.dead_letters or settings.topic(DEAD_LETTERS)
+    dead_topic = dead_letters or settings.topic(DEAD_LETTERS)
 
     topic = settings.topic(EVENTS)
     await ensure_topics(settings)
-    for name in {options.output, dead_topic}:
-        await ensure_output_topic(settings, name)
+    await ensure_named_topics(settings, [output, dead_topic])
     kafka = consumer(settings, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=2000)
     out = producer(settings)
     await kafka.start()
@@ -72,18 +74,15 @@ async def replay_events(settings: Settings, options) -> dict[str, Any]:
     touched: dict[str, None] = {}  # users with an event in the range, in first-seen order
     counts = {"events_read": 0, "in_range": 0, "dead_letters": 0, "unknown_items": 0}
     try:
-        tps, beginnings, starts, ends, method = await plan_range(kafka, topic, options)
+        plan = await plan_range(kafka, topic, start, end)
         dead = []
-        for tp in tps:
-            kafka.seek(tp, beginnings[tp.partition])  # state needs the whole history before the range
-        active = [tp for tp in tps if ends[tp.partition] > beginnings[tp.partition]]
-        while active:
-            for tp, records in (await kafka.getmany(*active, timeout_ms=500)).items():
+        # state needs the whole history before the range: read every partition from its beginning
+        history = {tp: range(plan.beginnings[tp.partition], plan.ends[tp.partition]) for tp in plan.partitions}
+        async with aclosing(read_range(kafka, history)) as fetches:
+            async for tp, records in fetches:
                 for r in records:
-                    if r.offset >= ends[tp.partition]:
-                        break
                     counts["events_read"] += 1
-                    in_range = r.offset >= starts[tp.partition] and _in_time_range(r.timestamp, options)
+                    in_range = plan.selects(tp.partition, r.offset, r.timestamp)
                     try:
                         event = parse_event(r.value)
                     except BadInput as exc:
@@ -101,10 +100,9 @@ async def replay_events(settings: Settings, options) -> dict[str, Any]:
                     if in_range:
                         counts["in_range"] += 1
                         touched.setdefault(event["user_id"])
-            active = [tp for tp in active if (await kafka.position(tp)) < ends[tp.partition]]
         deliveries = list(dead)
         users = list(touched)
-        batch = max(256, options.batch_size * 4)
+        batch = max(256, batch_size * 4)
         for i in range(0, len(users), batch):
             chunk = [states[u] for u in users[i:i + batch]]
             for state, body in zip(chunk, compute_lists(retriever, ranker, chunk, [settings.rec_k] * len(chunk)), strict=True):
@@ -112,7 +110,7 @@ async def replay_events(settings: Settings, options) -> dict[str, Any]:
                           "based_on_events": state.n_events, "models": models,
                           "generated_at": datetime.fromisoformat(state.last_ts).isoformat() if state.last_ts else None,
                           "replay": {"run": digest}}
-                deliveries.append(await out.send(options.output, dumps(record), key=(state.user_id + suffix).encode()))
+                deliveries.append(await out.send(output, dumps(record), key=(state.user_id + suffix).encode()))
         for delivery in deliveries:
             await delivery
     finally:
@@ -121,6 +119,5 @@ async def replay_events(settings: Settings, options) -> dict[str, Any]:
     elapsed = time.monotonic() - started
     return {**counts, "users": len(touched), "lists": len(touched), "seconds": round(elapsed, 3),
             "records_per_s": round(counts["events_read"] / elapsed, 1) if elapsed > 0 else None, "complete": True,
-            "source": topic, "output": options.output, "run": digest, "models": models,
-            "time_range_method": method if options.start.timestamp_ms else "offsets",
-            "from": options.start.describe(), "to": options.end.describe()}
+            "source": topic, "output": output, "run": digest, "models": models, "time_range_method": plan.method,
+            "from": start.describe(), "to": end.describe()}

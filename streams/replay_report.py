@@ -5,40 +5,32 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
+from contextlib import aclosing
 from typing import Any
 
-from aiokafka import TopicPartition
-
 from streams.config import Settings
-from streams.kafka import consumer, fetch_high_watermarks
+from streams.kafka import read_to_high_watermark
+from streams.schemas import RECOMMENDATIONS, VERDICTS
 
 
 async def read_verdicts(settings: Settings, topic: str, timeout_s: float = 30.0) -> list[dict[str, Any]]:
-    """Every verdict on `topic` up to its high watermark now (no consumer group)."""
-    kafka = consumer(settings, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest")
-    await kafka.start()
-    try:
-        partitions = sorted(kafka.partitions_for_topic(topic) or [])
-        if not partitions:
-            await kafka._client.force_metadata_update()
-            partitions = sorted(kafka.partitions_for_topic(topic) or [])
-        tps = [TopicPartition(topic, p) for p in partitions]
-        if not tps:
-            return []
-        kafka.assign(tps)
-        ends = await fetch_high_watermarks(kafka, tps, timeout_s)
-        for tp in tps:
-            kafka.seek(tp, (await kafka.beginning_offsets([tp]))[tp])
-        verdicts: list[dict[str, Any]] = []
-        active = [tp for tp in tps if ends[tp.partition] > 0]
-        while active:
-            batch = await kafka.getmany(*active, timeout_ms=500)
-            for tp, records in batch.items():
-                verdicts.extend(json.loads(r.value) for r in records if r.offset < ends[tp.partition])
-            active = [tp for tp in active if (await kafka.position(tp)) < ends[tp.partition]]
-        return verdicts
-    finally:
-        await kafka.stop()
+    """Every verdict (or list) on `topic` up to its high watermark now (no consumer group)."""
+    async with aclosing(read_to_high_watermark(settings, topic, timeout_s=timeout_s)) as records:
+        return [json.loads(r.value) async for r in records]
+
+
+async def replay_report(settings: Settings, summary: dict[str, Any], compare_topic: str | None,
+                        lists: bool) -> tuple[dict[str, Any], str]:
+    """The version-diff report of a finished replay (`summary`) and its text: the replay's own records
+    on its output topic against the baseline (`compare_topic`, else the live topic's own records);
+    `lists`: recommendation lists rather than verdicts."""
+    baseline_topic = compare_topic or settings.topic(RECOMMENDATIONS if lists else VERDICTS)
+    mine = [v for v in await read_verdicts(settings, summary["output"]) if v.get("replay", {}).get("run") == summary["run"]]
+    base = [v for v in await read_verdicts(settings, baseline_topic)
+            if compare_topic or "replay" not in v]  # the live topic's own records only
+    diff = compare_lists(mine, base, k=settings.rec_k) if lists else compare(mine, base)
+    report = {"replay": summary, "baseline_topic": baseline_topic, **diff}
+    return report, (format_list_report if lists else format_report)(report)
 
 
 def _violation_scores(verdict: dict[str, Any]) -> dict[str, float]:

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from operators.errors import BadInput
 from operators.images import ENCODINGS, ImageLimits, decode_image, decode_source, encode_image
-from streams.replay import Bound, ReplayError, parse_bound
+from streams.replay_range import Bound, ReplayError, parse_bound
 from streams.schemas import (
     EVENT_KINDS,
     FRAME_SCHEMA,
