@@ -44,15 +44,20 @@ rtsp-test-deps:
 	  && /usr/bin/python3 tests/rtsp_server.py --check \
 	  || echo "WARNING: GStreamer's RTSP server is not installed: tests/test_cameras.py will fail" >&2; }
 
-# tests/test_deploy.py checks the shell scripts with shellcheck and the Prometheus config with promtool
-# (Debian's shellcheck and prometheus packages), installed when missing like the RTSP server above.
+# The deployment tests run shellcheck on every shell script, promtool on the Prometheus config and
+# rules, and a real Prometheus scraping a worker (tests/test_integration_prometheus.py): Debian's
+# shellcheck and prometheus packages, installed when missing like the RTSP server above. If that
+# fails, those tests fail with the reason (never skipped) and the rest of the suite still runs.
+DEPLOY_TEST_TOOLS := shellcheck promtool prometheus
 deploy-test-tools:
-	@command -v shellcheck >/dev/null && command -v promtool >/dev/null || { \
+	@(for tool in $(DEPLOY_TEST_TOOLS); do command -v $$tool >/dev/null || exit 1; done) || { \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	  echo "installing shellcheck and promtool for the deployment tests"; \
+	  echo "installing shellcheck and prometheus (with promtool) for the deployment tests"; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
 	    --no-install-recommends shellcheck prometheus >/dev/null \
-	  || echo "WARNING: shellcheck/promtool not installed: their checks in tests/test_deploy.py are skipped" >&2; }
+	  && (for tool in $(DEPLOY_TEST_TOOLS); do command -v $$tool >/dev/null || exit 1; done) \
+	  || echo "WARNING: $(DEPLOY_TEST_TOOLS) not all installed: tests/test_deploy.py and" \
+	    "tests/test_integration_prometheus.py will fail" >&2; }
 
 bench: models
 	$(BIN)/python bench/record_path.py

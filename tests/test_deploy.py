@@ -12,15 +12,20 @@ What is checked against the code, so the files cannot drift from it:
 - every metric the dashboard queries is exposed by streams.metrics.REGISTRY, and every metric in
   the registry is on the dashboard.
 
-Optional validators, used when present and skipped otherwise: the Compose specification's JSON
-schema (the `check-jsonschema` package vendors it; with `jsonschema`), `promtool check config`,
-`shellcheck`.
+Real tools where they exist, never skipped (a missing one fails its test with the reason; `make
+deploy-test-tools` installs them): `promtool` (Prometheus config and rules), `shellcheck` (every
+shell script), the Compose specification's JSON schema (vendored by `check-jsonschema`),
+`dockerfile-parse` (Dockerfiles), docker-py's .dockerignore matcher, `promql-parser` (dashboard
+queries, tests/grafana_dashboard.py). tests/test_integration_prometheus.py runs every dashboard query
+in a real Prometheus scraping a real worker.
 """
 
 from __future__ import annotations
 
 import base64
+import fnmatch
 import http.server
+import io
 import json
 import os
 import re
@@ -35,6 +40,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from docker.utils.build import PatternMatcher
+from dockerfile_parse import DockerfileParser
+from grafana_dashboard import all_panels, metric_names, panel_queries, static_form, template_variables
 
 from streams.config import Settings
 from streams.schemas import ALL_TOPICS
@@ -70,6 +78,16 @@ except ImportError:  # pragma: no cover - renamed: fall back to the documented 6
 
 # ---------------------------------------------------------------------------------------------
 # Loading helpers
+
+
+def require_tool(name: str) -> str:
+    """The path of a tool the deployment tests run. Missing, the test fails with the reason: never a
+    skip, which would hide that a check did not run."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"`{name}` is not installed: `make deploy-test-tools` installs it (Debian packages "
+                    "prometheus and shellcheck)", pytrace=False)
+    return path
 
 
 def _load_yaml(path: Path):
@@ -134,35 +152,23 @@ def short_volume(entry) -> tuple[str, str | None, str]:
 
 
 class Dockerfile:
-    """The instructions of a Dockerfile, continuation lines joined, comments dropped."""
+    """A Dockerfile's instructions by stage, as dockerfile-parse reads them (continuation lines joined,
+    comments dropped, ARG defaults substituted into FROM, ENV of the last stage)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.parser = DockerfileParser(fileobj=io.BytesIO(path.read_bytes()), env_replace=True)
         self.instructions: list[tuple[int, str, str]] = []  # (stage index, INSTRUCTION, args)
         self.stages: list[dict] = []  # {"name", "image"}
-        args: dict[str, str] = {}
-        logical, buffer = [], ""
-        for line in path.read_text().splitlines():
-            stripped = line.strip()
-            if stripped.startswith("#") or not stripped:
-                continue  # comments and blank lines, also inside a continuation
-            if stripped.endswith("\\"):
-                buffer += stripped[:-1] + " "
+        images = iter(self.parser.parent_images)
+        for item in self.parser.structure:
+            instruction, rest = item["instruction"], item["value"]
+            if instruction == "COMMENT":
                 continue
-            logical.append(buffer + stripped)
-            buffer = ""
-        assert not buffer, f"{path.name}: dangling line continuation"
-        for line in logical:
-            instruction, _, rest = line.partition(" ")
-            instruction, rest = instruction.upper(), rest.strip()
-            if instruction == "ARG" and not self.stages:
-                name, _, default = rest.partition("=")
-                args[name] = default
             if instruction == "FROM":
                 words = rest.split()
-                image = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m.group(1) or m.group(2), ""), words[0])
                 name = words[2] if len(words) >= 3 and words[1].upper() == "AS" else None
-                self.stages.append({"name": name, "image": image})
+                self.stages.append({"name": name, "image": next(images)})
             self.instructions.append((len(self.stages) - 1, instruction, rest))
 
     def stage_of(self, name: str) -> int:
@@ -172,14 +178,9 @@ class Dockerfile:
         stage = len(self.stages) - 1 if stage is None else stage
         return [rest for s, ins, rest in self.instructions if ins == instruction and s == stage]
 
-    def env(self, stage: int | None = None) -> dict[str, str]:
-        env: dict[str, str] = {}
-        for rest in self.get("ENV", stage):
-            for word in shlex.split(rest):
-                if "=" in word:
-                    key, _, value = word.partition("=")
-                    env[key] = value
-        return env
+    def env(self) -> dict[str, str]:
+        """ENV of the runtime (last) stage."""
+        return dict(self.parser.envs)
 
     def exec_form(self, instruction: str, stage: int | None = None) -> list[str]:
         (rest,) = self.get(instruction, stage)[-1:]
@@ -234,12 +235,6 @@ def dashboard() -> dict:
     return json.loads(DASHBOARD.read_text())
 
 
-def _all_panels(panels: list[dict]):
-    for panel in panels:
-        yield panel
-        yield from _all_panels(panel.get("panels", []))
-
-
 # ---------------------------------------------------------------------------------------------
 # docker-compose.yml: structure
 
@@ -259,17 +254,16 @@ def test_compose_interpolations_all_have_defaults():
 
 @pytest.mark.parametrize("path", [COMPOSE, COMPOSE_GPU], ids=lambda p: p.name)
 def test_compose_matches_the_compose_specification_schema(path):
-    jsonschema = pytest.importorskip("jsonschema")
     import importlib.util
 
-    # Only the schema file of check-jsonschema is used: located, not imported (its CLI needs a
-    # newer click than faust-streaming allows in recent releases).
+    import jsonschema
+
+    # Only the schema file of check-jsonschema (the `dev` extra) is used: located, not imported (its
+    # CLI needs a newer click than faust-streaming allows in recent releases).
     spec = importlib.util.find_spec("check_jsonschema")
-    if spec is None or spec.origin is None:
-        pytest.skip("check-jsonschema (which vendors the Compose specification schema) not installed")
+    assert spec is not None and spec.origin is not None, "check-jsonschema is not installed: pip install -e '.[dev]'"
     schema_file = Path(spec.origin).parent / "builtin_schemas" / "vendor" / "compose-spec.json"
-    if not schema_file.is_file():
-        pytest.skip("this check-jsonschema does not vendor compose-spec.json")
+    assert schema_file.is_file(), f"this check-jsonschema no longer vendors compose-spec.json ({schema_file})"
     schema = json.loads(schema_file.read_text())
     validator_cls = jsonschema.validators.validator_for(schema)
     errors = sorted(validator_cls(schema).iter_errors(_load_yaml(path)), key=lambda e: list(e.absolute_path))
@@ -532,8 +526,6 @@ def test_topic_init_declares_exactly_all_topics(services):
 
 def _run_topic_script(env: dict[str, str], tmp_path: Path) -> list[list[str]]:
     """Runs create-topics.sh with stub kafka-topics.sh / kafka-configs.sh that log their arguments."""
-    if shutil.which("sh") is None:
-        pytest.skip("no POSIX sh")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "calls.jsonl"
@@ -584,11 +576,28 @@ def test_topic_script_honours_a_prefix(tmp_path):
     assert created == sorted(f"staging.{t}" for t in ALL_TOPICS)
 
 
-def test_topic_script_passes_shellcheck():
-    if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck not installed")
-    result = subprocess.run(["shellcheck", "--shell=sh", str(TOPIC_SCRIPT)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout
+def shell_scripts() -> list[Path]:
+    """Every shell script the repository tracks: *.sh, and files whose #! line names a shell."""
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    scripts = []
+    for name in tracked.decode().split("\0"):
+        path = REPO / name
+        if not name or not path.is_file():
+            continue
+        with path.open("rb") as f:
+            first = f.readline(200)
+        if name.endswith((".sh", ".bash")) or re.match(rb"#!\s*/\S*/(env\s+)?(ba|da|k)?sh\b", first):
+            scripts.append(path)
+    return scripts
+
+
+def test_every_shell_script_passes_shellcheck():
+    shellcheck = require_tool("shellcheck")
+    scripts = shell_scripts()
+    assert TOPIC_SCRIPT in scripts and REPO / ".ci" / "run" in scripts, scripts
+    result = subprocess.run([shellcheck, "--external-sources", *map(str, scripts)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -663,18 +672,8 @@ def _dockerignore_patterns() -> list[str]:
 
 
 def _ignored(path: str, patterns: list[str]) -> bool:
-    import fnmatch
-
-    ignored = False
-    for pattern in patterns:
-        negate = pattern.startswith("!")
-        pattern = pattern.lstrip("!").rstrip("/")
-        parts = path.split("/")
-        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-        regex = fnmatch.translate(pattern.replace("**/", "*")) if "**/" in pattern else None
-        if any(fnmatch.fnmatchcase(p, pattern) or (regex and re.match(regex, p)) for p in prefixes):
-            ignored = not negate
-    return ignored
+    """Whether `docker build` leaves `path` out of the context: docker-py's own .dockerignore matcher."""
+    return PatternMatcher(patterns).matches(path)
 
 
 def test_dockerignore_keeps_the_context_small_and_the_sources_in(dockerfiles):
@@ -724,15 +723,30 @@ def test_prometheus_scrapes_every_worker_replica(services):
     assert (COMPOSE.parent / mounted).resolve() == PROMETHEUS.resolve()
 
 
-def test_prometheus_config_passes_promtool():
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool not installed")
-    result = subprocess.run([promtool, "check", "config", "--syntax-only", str(PROMETHEUS)],
+def test_prometheus_config_and_its_rules_pass_promtool():
+    """`promtool check config` also checks every rule file the config loads."""
+    result = subprocess.run([require_tool("promtool"), "check", "config", str(PROMETHEUS)],
                             capture_output=True, text=True, timeout=60)
-    if result.returncode != 0 and "unknown long flag" in result.stderr:
-        result = subprocess.run([promtool, "check", "config", str(PROMETHEUS)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _prometheus_yaml_files() -> dict[Path, dict]:
+    return {path: _load_yaml(path) or {} for path in sorted(PROMETHEUS.parent.rglob("*.y*ml"))}
+
+
+def test_every_rule_file_is_loaded_and_every_rule_test_passes():
+    """A rules file under deploy/prometheus is listed in rule_files (else Prometheus never evaluates
+    it); a rule unit-test file (rule_files + tests) passes `promtool test rules`."""
+    files = _prometheus_yaml_files()
+    listed = {(PROMETHEUS.parent / pattern) for pattern in _load_yaml(PROMETHEUS).get("rule_files") or []}
+    for path, content in files.items():
+        if "groups" in content:
+            assert any(fnmatch.fnmatch(str(path), str(p)) for p in listed), f"{path.name}: not in rule_files"
+    tests = [path for path, content in files.items() if "tests" in content]
+    if tests:
+        result = subprocess.run([require_tool("promtool"), "test", "rules", *map(str, tests)],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -753,70 +767,28 @@ def _registry_series() -> tuple[set[str], dict[str, set[str]]]:
 
 # Series Prometheus itself adds to every target: allowed on the dashboard though not in REGISTRY.
 PROMETHEUS_SYNTHETIC = {"up"}
-_PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
-                    "offset", "inf", "nan", "atan2"}
 
 
-def promql_metric_names(expr: str) -> set[str]:
-    """Metric names in a PromQL expression: identifiers that are not functions, keywords, label
-    names (in matchers or by/without/on/ignoring lists), durations or Grafana variables."""
-    e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
-    e = re.sub(r"'(?:[^'\\]|\\.)*'", "''", e)
-    e = re.sub(r"`[^`]*`", "", e)
-    e = re.sub(r"\{[^}]*\}", "", e)  # label matchers
-    e = re.sub(r"\[[^\]]*\]", "", e)  # ranges and subqueries
-    e = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", e)
-    e = re.sub(r"\$\{[^}]*\}|\$\w+", "", e)  # Grafana variables
-    names = set()
-    for m in re.finditer(r"(?<![\w.:])([a-zA-Z_:][a-zA-Z0-9_:]*)(?![\w:])(?!\s*\()", e):
-        if m.group(1).lower() not in _PROMQL_KEYWORDS:
-            names.add(m.group(1))
-    return names
-
-
-def test_promql_name_parser():
-    assert promql_metric_names(
-        'histogram_quantile(0.95, sum by (le, topic) (rate(a_bucket{topic=~"$topic", x="y z"}[$__rate_interval])))'
-    ) == {"a_bucket"}
-    assert promql_metric_names("sum(rate(b_total[5m])) / on (instance) group_left (model) c offset 1h") == {"b_total", "c"}
-    assert promql_metric_names("max by (instance) (d) > bool 1e3") == {"d"}
-
-
-def _dashboard_queries(dashboard: dict) -> list[tuple[str, str]]:
-    queries = []
-    for panel in _all_panels(dashboard["panels"]):
-        for target in panel.get("targets", []):
-            if target.get("expr"):
-                queries.append((f"panel {panel['id']} {panel.get('title')!r}", target["expr"]))
-    for var in dashboard.get("templating", {}).get("list", []):
-        if var.get("type") != "query":
-            continue
-        query = var["query"]["query"] if isinstance(var.get("query"), dict) else var.get("query", "")
-        m = re.fullmatch(r"\s*label_values\((?:(.*),)?\s*\w+\s*\)\s*", query)
-        if m:
-            if m.group(1):
-                queries.append((f"variable {var['name']}", m.group(1)))
-        elif query.startswith("query_result("):
-            queries.append((f"variable {var['name']}", query[len("query_result("):-1]))
-        elif query:
-            queries.append((f"variable {var['name']}", query))
-    return queries
+def _dashboard_metrics(dashboard: dict) -> dict[str, set[str]]:
+    """Where each query of the dashboard (panels and variables) is, and the metrics it selects."""
+    queries = {q.where: q.expr for q in panel_queries(dashboard)}
+    queries.update({f"variable {v.name}": v.selector for v in template_variables(dashboard) if v.selector})
+    return {where: metric_names(static_form(expr, dashboard)) for where, expr in queries.items()}
 
 
 def test_dashboard_queries_only_metrics_the_workers_expose(dashboard):
     series, _ = _registry_series()
-    queries = _dashboard_queries(dashboard)
-    assert queries
-    for where, expr in queries:
-        names = promql_metric_names(expr)
-        assert names, f"{where}: no metric in {expr!r}"
+    used = _dashboard_metrics(dashboard)
+    assert used
+    for where, names in used.items():
+        assert names, f"{where}: selects no metric"
         unknown = names - series - PROMETHEUS_SYNTHETIC
-        assert not unknown, f"{where}: {sorted(unknown)} not exposed by streams/metrics.py REGISTRY ({expr})"
+        assert not unknown, f"{where}: {sorted(unknown)} not exposed by streams/metrics.py REGISTRY"
 
 
 def test_dashboard_shows_every_metric_of_the_registry(dashboard):
     _, families = _registry_series()
-    used = set().union(*(promql_metric_names(e) for _, e in _dashboard_queries(dashboard)))
+    used = set().union(*_dashboard_metrics(dashboard).values())
     missing = sorted(name for name, family_series in families.items() if not family_series & used)
     assert not missing, f"metrics in streams/metrics.py with no dashboard panel: {missing}"
 
@@ -824,14 +796,14 @@ def test_dashboard_shows_every_metric_of_the_registry(dashboard):
 def test_dashboard_structure(dashboard):
     assert dashboard["uid"] == "inferstream-overview", "a stable uid keeps links and provisioning updates working"
     assert isinstance(dashboard["schemaVersion"], int) and 36 <= dashboard["schemaVersion"] <= 41
-    ids = [p["id"] for p in _all_panels(dashboard["panels"])]
+    ids = [p["id"] for p in all_panels(dashboard["panels"])]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     datasource_vars = [v for v in variables.values() if v["type"] == "datasource"]
     assert len(datasource_vars) == 1 and datasource_vars[0]["query"] == "prometheus"
     ds_ref = "${" + datasource_vars[0]["name"] + "}"
     occupied: set[tuple[int, int]] = set()
-    for panel in _all_panels(dashboard["panels"]):
+    for panel in all_panels(dashboard["panels"]):
         grid = panel["gridPos"]
         assert grid["x"] >= 0 and grid["w"] > 0 and grid["x"] + grid["w"] <= 24, f"panel {panel['id']} outside the grid"
         cells = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"]) for y in range(grid["y"], grid["y"] + grid["h"])}
