@@ -170,9 +170,11 @@ _EDGE_PUNCTUATION = " \t\n,.;:!?()[]{}\"'"
 
 
 def _trimmed(e: Entity) -> Entity | None:
-    """The entity without the punctuation the model tagged at its edges ("Market St," -> "Market St")."""
+    """The entity without the punctuation the model tagged at its edges ("Market St," -> "Market St"), or
+    None when what is left cannot be a name: no letter ("1930", "17.4.1") or a single character (a case
+    mark tagged without its word)."""
     text = e.text.strip(_EDGE_PUNCTUATION)
-    if not text:
+    if len(text) < 2 or not any(c.isalpha() for c in text):
         return None
     start = e.start + e.text.index(text)
     return Entity(e.type, text, start, start + len(text), e.score, e.source, e.validated)

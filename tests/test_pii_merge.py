@@ -43,6 +43,18 @@ def test_model_types_keeps_only_those_model_entities():
     assert [e.type for e in merge_entities(ner, [], frozenset({"PERSON"}))] == ["PERSON"]
 
 
+def test_a_model_entity_without_a_letter_is_dropped():
+    """Years, versions and scores the model tagged ("1930", "17.4.1") cannot be names or places."""
+    ner = [Entity("LOCATION", "1930", 0, 4, 0.9), Entity("ORG", "17.4.1", 10, 16, 0.8), Entity("ORG", "4", 20, 21, 0.9)]
+    assert merge_entities(ner, []) == []
+
+
+def test_a_one_character_model_entity_is_dropped():
+    """A case mark tagged without its word leaves one capital letter, which names nothing."""
+    merged = merge_entities([Entity("PERSON", "A", 0, 1, 0.9), Entity("PERSON", "Al", 5, 7, 0.9)], [])
+    assert [e.text for e in merged] == ["Al"]
+
+
 def test_entity_dicts_name_their_source():
     (card,) = merge_entities([], [PatternMatch("CARD", "4111", 0, 4, 1.0, True, "card_visa")])
     assert card.as_dict() == {"type": "CARD", "text": "4111", "start": 0, "end": 4, "score": 1.0, "source": "pattern"}
