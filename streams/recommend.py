@@ -17,9 +17,9 @@ same changelog idea done so that it is exact on both brokers:
 
 Recommendations: a state change that matters (a click or purchase, or every N events) asks the
 Recommender for the user's list; requests for one user within `rec_debounce_s` share one list.
-The Recommender batches all due users: one retrieval pass over the item matrix, one ONNX call for
-all (user, candidate) pairs, then publishes each list (keyed by user) and releases the events that
-asked for it, which are acked only after that.
+The Recommender batches all due users (lists computed by operators/recommend_lists.py: one
+retrieval pass over the item matrix, one ONNX call for all (user, candidate) pairs), then publishes
+each list (keyed by user) and releases the events that asked for it, which are acked only after that.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from operators.errors import BadInput
-from operators.ranking import CandidateRanker, RankRequest
-from operators.retrieval import CFRetriever, UserHistory
+from operators.ranking import CandidateRanker
+from operators.recommend_lists import ListRecommender
+from operators.retrieval import CFRetriever
 from operators.user_state import UserState
 from streams import metrics
 from streams.config import Settings
@@ -45,8 +46,6 @@ from streams.ordered import Output
 from streams.schemas import (
     DEAD_LETTERS,
     EVENTS,
-    RECOMMENDATION_REQUESTS,
-    RECOMMENDATION_SCHEMA,
     RECOMMENDATIONS,
     USER_STATE,
     SourceRecord,
@@ -117,18 +116,17 @@ class Recommender:
 
     def __init__(self, settings: Settings, retriever: CFRetriever, ranker: CandidateRanker | None, send) -> None:
         self.settings = settings
-        self.retriever = retriever
-        self.ranker = ranker
+        self.retriever = retriever  # the pipeline looks events' items up in its catalogue
+        self.lists = ListRecommender(retriever, ranker)
         self.send = send
         self.topic = settings.topic(RECOMMENDATIONS)
         self._pending: dict[str, tuple[float, asyncio.Future, UserState, dict[str, Any]]] = {}
         self._wakeup = asyncio.Event()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="recommend")
-        self.lists_published = 0
 
     @property
     def models(self) -> dict[str, str]:
-        return {"retrieval": self.retriever.ref, **({"ranking": self.ranker.ref} if self.ranker else {})}
+        return self.lists.models
 
     def request(self, state: UserState, reason: str, k: int | None = None, request_id: str | None = None,
                 immediate: bool = False) -> asyncio.Future:
@@ -170,57 +168,23 @@ class Recommender:
                     if not future.done():
                         future.set_exception(exc)
 
-    def _compute(self, states: list[UserState], ks: list[int]) -> list[dict[str, Any]]:
-        return compute_lists(self.retriever, self.ranker, states, ks)
-
     async def _publish(self, batch) -> None:
         states = [state for _, _, state, _ in batch]
         infos = [info for *_, info in batch]
         started = time.perf_counter()
-        lists = await asyncio.get_running_loop().run_in_executor(self._pool, self._compute, states, [i["k"] for i in infos])
+        lists = await asyncio.get_running_loop().run_in_executor(self._pool, self.lists.lists, states, [i["k"] for i in infos])
         metrics.INFERENCE.labels("recommender", "1").observe(time.perf_counter() - started)
         metrics.BATCH_SIZE.labels("recommender", "1").observe(len(batch))
         deliveries = []
-        for state, info, body in zip(states, infos, lists, strict=True):
-            record = {"schema": RECOMMENDATION_SCHEMA, **body, "reason": info["reason"], "request_id": info["request_id"],
-                      "based_on_events": state.n_events, "models": self.models,
-                      "generated_at": datetime.now(UTC).isoformat()}
+        for state, info, made in zip(states, infos, lists, strict=True):
+            record = made.record(reason=info["reason"], request_id=info["request_id"], generated_at=datetime.now(UTC).isoformat())
             deliveries.append(await self.send(Output(self.topic, state.user_id.encode(), dumps(record))))
             state.events_since_recommendation = 0
         await asyncio.gather(*deliveries)
-        self.lists_published += len(batch)
         metrics.RECORDS_PRODUCED.labels(self.topic).inc(len(batch))
-        for (_, future, _, _), body in zip(batch, lists, strict=True):
+        for (_, future, _, _), made in zip(batch, lists, strict=True):
             if not future.done():
-                future.set_result(body)
-
-
-def compute_lists(retriever: CFRetriever, ranker: CandidateRanker | None, states: list[UserState],
-                  ks: list[int]) -> list[dict[str, Any]]:
-    """Lists for many users at once: one retrieval pass, one ranking call. Shared by the live agent
-    and the events replay, so a backfill computes exactly what the live path would."""
-    k_max = max(ks)
-    histories = [UserHistory(s.user_id, s.seen_items, s.recent_items, s.n_events) for s in states]
-    retrievals = retriever.retrieve(histories, k=max(k_max * 5, 50) if ranker else k_max)
-    if ranker is None:
-        ranked = [(r.item_ids, r.scores, [None] * len(r.item_ids)) for r in retrievals]
-    else:
-        # context hour = the hour of the user's latest activity: deterministic, so a replay or a
-        # restarted worker computes the same list as the live one did
-        rankings = ranker.rank([RankRequest.from_retrieval(r, _activity_hour(s), s.recent_items)
-                                for r, s in zip(retrievals, states, strict=True)], k=k_max)
-        ranked = [(x.item_ids, x.scores, x.click_probabilities) for x in rankings]
-    lists = []
-    for state, retrieval, (items, scores, probs), k in zip(states, retrievals, ranked, ks, strict=True):
-        lists.append({"user_id": state.user_id, "source": retrieval.source,
-                      "items": [{"rank": i + 1, "item_id": it, "score": round(float(sc), 6),
-                                 "click_probability": None if p is None else round(float(p), 6)}
-                                for i, (it, sc, p) in enumerate(zip(items[:k], scores[:k], probs[:k], strict=True))]})
-    return lists
-
-
-def _activity_hour(state: UserState) -> int:
-    return datetime.fromisoformat(state.last_ts).astimezone(UTC).hour if state.last_ts else datetime.now(UTC).hour
+                future.set_result(made)
 
 
 class RecommendationPipeline:
@@ -279,7 +243,3 @@ class RecommendationPipeline:
         metrics.DEAD_LETTERS.labels(source.topic, reason).inc()
         log.warning("dead letter: %s: %s", reason, detail, extra=record_fields(source, reason=reason, stage="recommend"))
         return Output(self.dead_letters_topic, source.key, dumps(dead_letter(source, reason, detail, "recommend")))
-
-
-def recommendation_topics(settings: Settings) -> tuple[str, str]:
-    return settings.topic(EVENTS), settings.topic(RECOMMENDATION_REQUESTS)

@@ -4,7 +4,7 @@ Semantics: every user who has an event in the range gets the list they would hav
 last event in the range. State is folded from the beginning of each partition (a list depends on
 the whole history), with the same UserState the live agent uses, in the replay's own memory (the
 live `user-state` changelog is never touched). All touched users are then computed in large
-batches by the live agent's own compute_lists() and published keyed `user|model@version,...`.
+batches by operators.recommend_lists (as the live agent's are) and published keyed `user|model@version,...`.
 An interrupted events replay simply runs again: folding is fast and the keys are idempotent.
 """
 
@@ -20,16 +20,15 @@ from typing import Any
 from operators.errors import BadInput
 from operators.model_repository import ModelRepository
 from operators.ranking import CandidateRanker
+from operators.recommend_lists import ListRecommender
 from operators.retrieval import CFRetriever
 from operators.user_state import UserState
 from streams.config import Settings
 from streams.kafka import consumer, ensure_named_topics, ensure_topics, producer, read_range
-from streams.recommend import compute_lists
 from streams.replay_range import Bound, ReplayError, plan_range
 from streams.schemas import (
     DEAD_LETTERS,
     EVENTS,
-    RECOMMENDATION_SCHEMA,
     SourceRecord,
     dead_letter,
     decode_headers,
@@ -54,8 +53,8 @@ async def replay_events(settings: Settings, *, output: str, start: Bound, end: B
     if unknown:
         raise ReplayError(f"--model {', '.join(unknown)}: events replays use the retrieval and ranking models only")
     retriever = CFRetriever.from_repository(repo, retrieval_ref)
-    ranker = CandidateRanker(repo.load(ranking_ref)) if ranking_ref else None
-    models = {"retrieval": retriever.ref, **({"ranking": ranker.ref} if ranker else {})}
+    recommender = ListRecommender(retriever, CandidateRanker(repo.load(ranking_ref)) if ranking_ref else None)
+    models = recommender.models
     run = json.dumps({"source": settings.topic(EVENTS), "output": output, "from": start.__dict__,
                       "to": end.__dict__, "models": models}, sort_keys=True)
     digest = hashlib.sha256(run.encode()).hexdigest()[:12]
@@ -105,11 +104,9 @@ async def replay_events(settings: Settings, *, output: str, start: Bound, end: B
         batch = max(256, batch_size * 4)
         for i in range(0, len(users), batch):
             chunk = [states[u] for u in users[i:i + batch]]
-            for state, body in zip(chunk, compute_lists(retriever, ranker, chunk, [settings.rec_k] * len(chunk)), strict=True):
-                record = {"schema": RECOMMENDATION_SCHEMA, **body, "reason": "replay", "request_id": None,
-                          "based_on_events": state.n_events, "models": models,
-                          "generated_at": datetime.fromisoformat(state.last_ts).isoformat() if state.last_ts else None,
-                          "replay": {"run": digest}}
+            for state, made in zip(chunk, recommender.lists(chunk, [settings.rec_k] * len(chunk)), strict=True):
+                record = made.record(reason="replay", request_id=None, replay={"run": digest},
+                                     generated_at=datetime.fromisoformat(state.last_ts).isoformat() if state.last_ts else None)
                 deliveries.append(await out.send(output, dumps(record), key=(state.user_id + suffix).encode()))
         for delivery in deliveries:
             await delivery
