@@ -111,9 +111,9 @@ async def read_range(kafka: AIOKafkaConsumer, offsets: dict[TopicPartition, rang
 
 
 async def read_to_high_watermark(settings: Settings, topic: str, partitions: list[int] | None = None,
-                                 timeout_s: float = 15.0) -> AsyncIterator[ConsumerRecord]:
-    """Every record of `topic` (or of its `partitions`) from the beginning up to the high watermark at
-    the call, read by a consumer of its own; a topic that does not exist has no records."""
+                                 timeout_s: float = 15.0, from_offset: int | None = None) -> AsyncIterator[ConsumerRecord]:
+    """Every record of `topic` (or of its `partitions`) from the beginning (or `from_offset`) up to the
+    high watermark at the call, read by a consumer of its own; a topic that does not exist has none."""
     kafka = consumer(settings, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest")
     await kafka.start()
     try:
@@ -127,7 +127,8 @@ async def read_to_high_watermark(settings: Settings, topic: str, partitions: lis
         kafka.assign(tps)
         ends = await fetch_high_watermarks(kafka, tps, timeout_s)
         beginnings = await kafka.beginning_offsets(tps)
-        async with aclosing(read_range(kafka, {tp: range(beginnings[tp], ends[tp.partition]) for tp in tps})) as fetches:
+        starts = {tp: max(beginnings[tp], from_offset or 0) for tp in tps}
+        async with aclosing(read_range(kafka, {tp: range(starts[tp], ends[tp.partition]) for tp in tps})) as fetches:
             async for _, records in fetches:
                 for record in records:
                     yield record
