@@ -24,7 +24,7 @@ from streams.cores import share_cores
 from streams.kafka import PartitionsByKey
 from streams.moderation import ModerationPipeline, source_of
 from streams.ordered import OrderedAcker, Output
-from streams.schemas import EVENTS, FRAMES, POSTS, RECOMMENDATION_REQUESTS
+from streams.schemas import EVENTS, FRAMES, POSTS, RECOMMENDATION_REQUESTS, VERDICTS
 from streams.serving_api import ServingAPI
 
 log = logging.getLogger(__name__)
@@ -256,7 +256,22 @@ def build_worker_app(settings: Settings) -> faust.App:
     _ordered_agent(app, settings, FRAMES, moderation.handle_frames, send)
     _ordered_agent(app, settings, POSTS, moderation.handle_posts, send)
     _recommendation_agent(app, settings, send)
+    if settings.alerts:
+        _alert_agent(app, settings, moderator.policy.alerts, send)
     return app
+
+
+def _alert_agent(app: faust.App, settings: Settings, rule, send) -> None:
+    """Frame verdicts -> per-stream alert state -> alerts (streams/alerts.py)."""
+    from streams.alerts import AlertPipeline
+
+    pipeline = AlertPipeline(settings, rule)
+
+    @app.on_partitions_revoked.connect
+    async def _forget(sender, revoked, **kwargs) -> None:
+        pipeline.store.forget({tp.partition for tp in revoked if tp.topic == settings.topic(VERDICTS)})
+
+    _ordered_agent(app, settings, VERDICTS, pipeline.handle_batch, send)
 
 
 def _recommendation_agent(app: faust.App, settings: Settings, send) -> None:

@@ -64,6 +64,7 @@ class Settings:
     max_batch_records: int = 256  # records an agent takes from its stream at once (one batch of work)
     # Recommendations
     recommendations: str = "auto"  # auto: on when the models below load; on: they must; off
+    alerts: bool = True  # stream alerts from frame verdicts (rule: `alerts` in the policy) to the alerts topic
     retrieval_model: str = "cf-retrieval"
     ranking_model: str = "deepfm-ctr"  # empty: lists ranked by retrieval score alone
     rec_on_kinds: str = "click,purchase"  # event kinds that ask for a fresh list

@@ -25,6 +25,10 @@ UNKNOWN_ITEMS = Counter("inferstream_unknown_items_total", "Events skipped becau
 VERDICTS = Counter("inferstream_verdicts_total", "Moderation verdicts by input kind and outcome",
                    ["kind", "safe"], registry=REGISTRY)
 VIOLATIONS = Counter("inferstream_violations_total", "Policy violations by check", ["check"], registry=REGISTRY)
+ALERTS = Counter("inferstream_alerts_total", "Stream alert episodes started and ended, by check", ["check", "event"],
+                 registry=REGISTRY)
+ALERT_INPUTS_IGNORED = Counter("inferstream_alert_inputs_ignored_total",
+                               "Records of the verdicts topic the alert agent could not read as verdicts", registry=REGISTRY)
 END_TO_END = Histogram("inferstream_end_to_end_latency_seconds",
                        "Input record timestamp to output produced", ["topic"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
 INFERENCE = Histogram("inferstream_inference_latency_seconds", "One batch through a model (session run + postprocess)",

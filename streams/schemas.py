@@ -25,8 +25,10 @@ VERDICTS, RECOMMENDATIONS, DEAD_LETTERS = "verdicts", "recommendations", "dead-l
 RECOMMENDATION_REQUESTS = "recommendation-requests"
 USER_STATE = "user-state"  # internal: per-user state snapshots, the recommendation agent's changelog
 SHADOW_VERDICTS = "shadow-verdicts"  # verdicts of shadow model versions (never in `verdicts`)
+ALERTS = "alerts"  # stream-level alert episodes (start/end) from frame verdicts
+ALERT_STATE = "alert-state"  # internal: per-stream alert state snapshots, the alert agent's changelog
 ALL_TOPICS = (FRAMES, POSTS, EVENTS, VERDICTS, RECOMMENDATIONS, DEAD_LETTERS, RECOMMENDATION_REQUESTS, USER_STATE,
-              SHADOW_VERDICTS)
+              SHADOW_VERDICTS, ALERTS, ALERT_STATE)
 
 FRAME_SCHEMA = "inferstream.frame.v1"
 POST_SCHEMA = "inferstream.post.v1"

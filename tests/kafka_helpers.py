@@ -14,7 +14,7 @@ from operators.images import encode_image
 from streams import contracts
 from streams.config import Settings
 from streams.kafka import consumer, ensure_topics, producer
-from streams.schemas import USER_STATE, FrameMeta
+from streams.schemas import ALERT_STATE, USER_STATE, FrameMeta
 
 
 def frame_image(i: int, size: int = 24) -> np.ndarray:
@@ -73,7 +73,7 @@ async def read_all(settings: Settings, topic: str, until: Callable[[list[dict]],
 def meets_contract(topic: str, value) -> None:
     """Every record read back is checked against its contract (streams/contracts): verdicts, dead
     letters and recommendation lists by their `schema` field, user-state snapshots by topic."""
-    name = "user_state" if topic == USER_STATE else None
+    name = {USER_STATE: "user_state", ALERT_STATE: "alert_state"}.get(topic)
     if isinstance(value, dict):
         name = contracts.BY_SCHEMA_FIELD.get(value.get("schema"), name)
     if name is not None:

@@ -266,4 +266,18 @@ def test_asyncapi_names_every_topic_with_the_prefix_parameter(asyncapi):
     addresses = {channel["address"] for channel in asyncapi["channels"].values()}
     assert addresses == {"{prefix}" + topic for topic in ALL_TOPICS}
     inputs = {op["channel"]["$ref"] for op in asyncapi["operations"].values() if op["action"] == "receive"}
-    assert inputs == {f"#/channels/{c}" for c in ("frames", "posts", "events", "recommendationRequests")}
+    assert inputs == {f"#/channels/{c}" for c in ("frames", "posts", "events", "recommendationRequests", "verdicts")}
+
+
+def test_alerts_and_alert_state_snapshots_meet_their_contracts():
+    from operators.alerts import AlertRule, JudgedFrame, StreamAlerts
+
+    state, rule, alerts = StreamAlerts("cam-7"), AlertRule(k=2, n=3, m=2), []
+    for i, present in enumerate([True, True, True, False, False]):
+        hits = (("forbidden_objects", "missile", 0.4 + i / 10),) if present else ()
+        alerts += state.apply(JudgedFrame("cam-7", i, f"cam-7:{i}", 0, 10 + i, 1_700_000_000_000 + i, i / 5, hits), rule)
+        snapshot = {"state": state.to_dict(), "recent": [{"from": 0, "alert": a} for a in alerts], "alerts_from": 0}
+        contracts.check("alert_state", json.loads(json.dumps(snapshot)))
+    assert [a["event"] for a in alerts] == ["start", "end"]
+    for alert in alerts:
+        contracts.check("alert", json.loads(json.dumps(alert)))

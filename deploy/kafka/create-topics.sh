@@ -14,7 +14,7 @@ set -eu
 
 BOOTSTRAP_SERVER="${BOOTSTRAP_SERVER:-kafka:9092}"
 TOPIC_PREFIX="${TOPIC_PREFIX:-}"
-TOPICS="${TOPICS:-frames posts events verdicts recommendations dead-letters recommendation-requests user-state shadow-verdicts}"
+TOPICS="${TOPICS:-frames posts events verdicts recommendations dead-letters recommendation-requests user-state shadow-verdicts alerts alert-state}"
 PARTITIONS="${PARTITIONS:-4}"
 REPLICATION_FACTOR="${REPLICATION_FACTOR:-1}"
 INFERSTREAM_MAX_MESSAGE_BYTES="${INFERSTREAM_MAX_MESSAGE_BYTES:-1000000}"
@@ -32,6 +32,7 @@ for name in $TOPICS; do
         frames) retention="$RETENTION_MS_FRAMES" ;;
         dead-letters) retention="$RETENTION_MS_DEAD_LETTERS" ;;
         user-state) retention="-1"; policy="compact" ;;   # the recommender's changelog: last state per user
+        alert-state) retention="-1"; policy="compact" ;;  # the alert agent's changelog: last state per stream
         *) retention="$RETENTION_MS" ;;
     esac
     configs="max.message.bytes=${TOPIC_MAX_MESSAGE_BYTES},retention.ms=${retention},cleanup.policy=${policy}"

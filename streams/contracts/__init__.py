@@ -15,12 +15,13 @@ from typing import Any
 from operators.errors import BadInput
 
 NAMES = ("post", "event", "recommendation_request", "frame_headers", "verdict", "dead_letter", "recommendations",
-         "user_state")
+         "user_state", "alert", "alert_state")
 # the `schema` field of a record -> its contract
 BY_SCHEMA_FIELD = {
     "inferstream.post.v1": "post", "inferstream.event.v1": "event",
     "inferstream.recommendation_request.v1": "recommendation_request", "inferstream.verdict.v1": "verdict",
     "inferstream.dead_letter.v1": "dead_letter", "inferstream.recommendations.v1": "recommendations",
+    "inferstream.alert.v1": "alert",
 }
 
 
@@ -33,8 +34,11 @@ def load(name: str) -> dict[str, Any]:
 def validator(name: str):
     # imported here: only producers and tests validate, never the worker's hot path
     from jsonschema import Draft202012Validator
+    from referencing import Registry, Resource
 
-    return Draft202012Validator(load(name))
+    # contracts refer to each other by file name, resolved against their $id (never fetched)
+    registry = Registry().with_resources((s["$id"], Resource.from_contents(s)) for s in map(load, NAMES))
+    return Draft202012Validator(load(name), registry=registry)
 
 
 def check(name: str, record: Any) -> None:
