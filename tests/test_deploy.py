@@ -734,19 +734,27 @@ def _prometheus_yaml_files() -> dict[Path, dict]:
     return {path: _load_yaml(path) or {} for path in sorted(PROMETHEUS.parent.rglob("*.y*ml"))}
 
 
-def test_every_rule_file_is_loaded_and_every_rule_test_passes():
+def test_every_rule_file_is_loaded_mounted_and_its_tests_pass(services):
     """A rules file under deploy/prometheus is listed in rule_files (else Prometheus never evaluates
-    it); a rule unit-test file (rule_files + tests) passes `promtool test rules`."""
+    it) and mounted beside the config in the compose stack; rule unit tests (files with rule_files and
+    tests) pass `promtool test rules`."""
     files = _prometheus_yaml_files()
-    listed = {(PROMETHEUS.parent / pattern) for pattern in _load_yaml(PROMETHEUS).get("rule_files") or []}
-    for path, content in files.items():
-        if "groups" in content:
-            assert any(fnmatch.fnmatch(str(path), str(p)) for p in listed), f"{path.name}: not in rule_files"
+    listed = [PROMETHEUS.parent / pattern for pattern in _load_yaml(PROMETHEUS).get("rule_files") or []]
+    rule_files = [path for path, content in files.items() if "groups" in content]
+    for path in rule_files:
+        assert any(fnmatch.fnmatch(str(path), str(p)) for p in listed), f"{path.name}: not in rule_files"
+    prometheus = services["prometheus"]
+    mounts = {tgt: src for src, tgt, kind in map(short_volume, prometheus["volumes"]) if kind == "bind"}
+    config_dir = Path(next(a for a in prometheus["command"] if a.startswith("--config.file=")).split("=", 1)[1]).parent
+    for path in rule_files:
+        mounted = mounts.get(str(config_dir / path.relative_to(PROMETHEUS.parent)))
+        assert mounted and (COMPOSE.parent / mounted).resolve() == path.resolve(), \
+            f"{path.name}: not mounted at {config_dir} in the prometheus service"
     tests = [path for path, content in files.items() if "tests" in content]
-    if tests:
-        result = subprocess.run([require_tool("promtool"), "test", "rules", *map(str, tests)],
-                                capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, result.stdout + result.stderr
+    assert rule_files and tests, "deploy/prometheus has alerting rules and their unit tests"
+    result = subprocess.run([require_tool("promtool"), "test", "rules", *map(str, tests)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # ---------------------------------------------------------------------------------------------

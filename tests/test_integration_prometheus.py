@@ -161,6 +161,12 @@ class Feeder:
                 assert exc.code == 504 and headers, f"/predict answered {exc.code}: {exc.read()[:200]!r}"
 
 
+def rule_names() -> list[str]:
+    files = (PROMETHEUS.parent / f for f in yaml.safe_load(PROMETHEUS.read_text()).get("rule_files") or [])
+    return [rule.get("alert") or rule["record"] for path in files
+            for group in yaml.safe_load(path.read_text())["groups"] for rule in group["rules"]]
+
+
 def ready(worker) -> bool:
     assert worker.alive(), f"the worker exited: {worker.log()[-3000:]}"
     try:
@@ -252,8 +258,10 @@ def test_prometheus_scrapes_the_worker_and_every_dashboard_query_returns_data(ob
             f"{len(empty)} dashboard queries without data after {feeder.rounds} rounds of input:\n" + "\n".join(empty)
         (target,) = [t for t in prom.api("targets")["activeTargets"] if t["labels"]["job"] == "inferstream-worker"]
         assert target["health"] == "up" and not target["lastError"], target
+        # the alerting rules of deploy/prometheus are loaded and evaluate without error on real series
         rules = [r for g in prom.api("rules")["groups"] for r in g["rules"]]
-        assert all(r["health"] != "err" for r in rules), [r for r in rules if r["health"] == "err"]
+        assert sorted(r["name"] for r in rules) == sorted(rule_names()), rules
+        assert all(r["health"] == "ok" for r in rules), [r for r in rules if r["health"] != "ok"]
         # Prometheus' own lint of names, units and help texts, on what the worker serves with data
         with urllib.request.urlopen(f"http://127.0.0.1:{worker.settings.web_port}/metrics", timeout=5) as r:
             lint = subprocess.run([require_tool("promtool"), "check", "metrics"], input=r.read(), capture_output=True,
