@@ -1,0 +1,129 @@
+"""What the benchmarks share: a worker as a child process, its /metrics, and what /proc says about it.
+
+Each bench starts `python -m streams.cli worker` the way an operator would (settings in the
+environment, this checkout's code: cwd and PYTHONPATH are the repository root, so a separate
+worktree runs its own code, not the venv's editable install).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+
+from streams.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    return {**os.environ, **settings.to_env(), "PYTHONPATH": str(ROOT)}
+
+
+class Worker:
+    """`inferstream worker` as a child process, logging to `log` (appended: a restart keeps the history)."""
+
+    def __init__(self, settings: Settings, log: Path) -> None:
+        self.settings = settings
+        self.log_path = log
+        self.log = log.open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], cwd=ROOT, env=worker_env(settings),
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def metrics(self) -> dict[str, float]:
+        """Consumer lag (summed over partitions) and the highest degradation rung, from /metrics."""
+        out: dict[str, float] = {}
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.settings.web_port}/metrics", timeout=2) as r:
+                for line in r.read().decode().splitlines():
+                    if line.startswith("inferstream_consumer_lag_records{"):
+                        out["lag"] = out.get("lag", 0.0) + float(line.split()[-1])
+                    elif line.startswith("inferstream_degradation_level{"):
+                        out["rung"] = max(out.get("rung", 0.0), float(line.split()[-1]))
+        except OSError:
+            pass
+        return out
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown hook runs, nothing more is committed."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        try:
+            return self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+        finally:
+            self.log.close()
+
+
+def imported_from(settings: Settings, module: str = "streams") -> str:
+    """Where a worker started like Worker imports `module` from (proves which checkout runs)."""
+    return subprocess.run([sys.executable, "-c", f"import {module}; print({module}.__file__)"], cwd=ROOT,
+                          env=worker_env(settings), capture_output=True, text=True, check=True).stdout.strip()
+
+
+# --------------------------------------------------------------------------------------------- /proc
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process (Linux /proc), or None where unavailable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def rss_bytes(pid: int) -> int | None:
+    """Resident set size (VmRSS) of a process, or None when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def open_fds(pid: int) -> int | None:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------ outputs
+async def collect(settings: Settings, topic: str, stop: threading.Event, out: list[tuple[int, dict]]) -> None:
+    """Append (timestamp, parsed value) of every record of `topic`, from the start, until `stop` is set."""
+    from aiokafka import TopicPartition
+
+    from streams.kafka import consumer
+
+    kafka = consumer(settings, group_id=None, auto_offset_reset="earliest", enable_auto_commit=False)
+    await kafka.start()
+    try:
+        name = settings.topic(topic)
+        while not kafka.partitions_for_topic(name):
+            await kafka._client.force_metadata_update()
+            await asyncio.sleep(0.2)
+        kafka.assign([TopicPartition(name, p) for p in kafka.partitions_for_topic(name)])
+        while not stop.is_set():
+            for msgs in (await kafka.getmany(timeout_ms=200)).values():
+                out.extend((m.timestamp, json.loads(m.value)) for m in msgs)
+    finally:
+        await kafka.stop()
