@@ -21,7 +21,7 @@ from streams.broker import EmbeddedBroker, free_port
 from streams.config import Settings
 from streams.kafka import consumer, ensure_topics
 from streams.produce import produce_jsonl, produce_video
-from streams.schemas import DEAD_LETTERS, RECOMMENDATIONS, VERDICTS
+from streams.schemas import ALERTS, DEAD_LETTERS, RECOMMENDATIONS, VERDICTS
 
 WORK = Path(".inferstream")
 SAMPLE_POSTS = Path(__file__).resolve().parent.parent / "samples" / "posts.jsonl"
@@ -32,7 +32,8 @@ def sample_video(path: Path, seconds: float = 6.0, fps: int = 10, size: tuple[in
     """A slide show of scikit-image's sample photos with a slow zoom, generated (not downloaded)."""
     from skimage import data
 
-    photos = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket()]
+    # the rocket (judged a missile) before the last photo: its alert both starts and ends on screen
+    photos = [data.chelsea(), data.coffee(), data.rocket(), data.astronaut()]
     per_photo = max(1, int(seconds * fps / len(photos)))
     w, h = size
 
@@ -52,6 +53,12 @@ def sample_video(path: Path, seconds: float = 6.0, fps: int = 10, size: tuple[in
 def _recommendation_line(rec: dict) -> str:
     items = " ".join(i["item_id"] for i in rec["items"][:8])
     return f"recs  {rec['user_id']:<14} {rec['source']:<7} {items}  ({rec['reason']}, {rec['based_on_events']} events)"
+
+
+def _alert_line(alert: dict) -> str:
+    first, last = alert["first"]["frame_index"], alert["last"]["frame_index"]
+    return (f"ALERT {alert['event']:<5} {alert['stream_id']} {alert['check']}:{alert['label']}  frames {first}-{last}, "
+            f"peak {alert['peak_score']:.2f} at {alert['evidence_frame_id']}")
 
 
 def _line(verdict: dict) -> str:
@@ -92,10 +99,10 @@ def sample_posts(path: Path) -> Path:
 
 
 async def _print_results(settings: Settings, expected: int, timeout_s: float, then_forever: bool = False) -> int:
-    """Print verdicts and dead letters until `expected` arrived or the timeout; with `then_forever`,
-    keep printing new ones until Ctrl-C."""
+    """Print verdicts, dead letters and lists until `expected` arrived or the timeout (stream alerts print
+    as they come, uncounted); with `then_forever`, keep printing new ones until Ctrl-C."""
     kafka = consumer(settings, settings.topic(VERDICTS), settings.topic(DEAD_LETTERS), settings.topic(RECOMMENDATIONS),
-                     group_id=None, auto_offset_reset="earliest", enable_auto_commit=False)
+                     settings.topic(ALERTS), group_id=None, auto_offset_reset="earliest", enable_auto_commit=False)
     await kafka.start()
     seen = 0
     announced = False
@@ -111,6 +118,9 @@ async def _print_results(settings: Settings, expected: int, timeout_s: float, th
             for messages in batch.values():
                 for msg in messages:
                     record = json.loads(msg.value)
+                    if msg.topic == settings.topic(ALERTS):
+                        print(_alert_line(record), flush=True)
+                        continue
                     if msg.topic.endswith(DEAD_LETTERS):
                         print(f"dead letter {record['reason']}: {record['detail']}", flush=True)
                     elif msg.topic.endswith(RECOMMENDATIONS):
