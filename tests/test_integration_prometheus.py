@@ -110,19 +110,18 @@ class Feeder:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._png = encode_image(frame_image(0), "png")
 
-    def start(self) -> Feeder:
+    def __enter__(self) -> Feeder:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(30)
-        assert not self.errors, self.errors
 
     def _run(self) -> None:
         try:
             asyncio.run(self._feed())
-        except BaseException as exc:  # reported by stop(): a dead feeder would starve the queries
+        except BaseException as exc:  # asserted after the block: a dead feeder would starve the queries
             self.errors.append(exc)
 
     async def _feed(self) -> None:
@@ -138,11 +137,11 @@ class Feeder:
                     key, value, headers = frame_record("cam", index, frame_image(index))
                     sends.append(await kafka.send(s.topic(FRAMES), value, key=key, headers=headers))
                     index += 1
-                if self.rounds % 10 == 0:  # a dead letter now and then
-                    sends.append(await kafka.send(s.topic(FRAMES), b"not an image", key=b"cam", headers=headers))
-                for key, value in (*posts(self.rounds), *events(self.rounds)):
-                    topic = POSTS if key.startswith(b"p") else EVENTS
-                    sends.append(await kafka.send(s.topic(topic), value, key=key))
+                if self.rounds % 10 == 0:  # a dead letter now and then: a good frame's headers, no image
+                    sends.append(await kafka.send(s.topic(FRAMES), b"not an image", key=key, headers=headers))
+                for topic, records in ((POSTS, [post(self.rounds)]), (EVENTS, events(self.rounds))):
+                    for key, value in records:
+                        sends.append(await kafka.send(s.topic(topic), value, key=key))
                 await asyncio.gather(*sends)
                 await asyncio.to_thread(self._call_api)
                 self.rounds += 1
@@ -176,11 +175,11 @@ def ready(worker) -> bool:
         return False
 
 
-def posts(n: int) -> list[tuple[bytes, bytes]]:
+def post(n: int) -> tuple[bytes, bytes]:
     image = {"encoding": "png", "data": base64.b64encode(encode_image(frame_image(n), "png")).decode()}
     record = {"id": f"p{n}", "user_id": f"u{n % 4}", "text": "a post with a photo", "image": image,
               "created_at": "2026-11-25T10:00:00Z"}
-    return [(f"p{n}".encode(), json.dumps(record).encode())]
+    return f"p{n}".encode(), json.dumps(record).encode()
 
 
 def events(n: int) -> list[tuple[bytes, bytes]]:
@@ -241,33 +240,47 @@ def empty_queries(prom: Prometheus, dashboard: dict, since: float) -> list[str]:
     return empty
 
 
-def test_prometheus_scrapes_the_worker_and_every_dashboard_query_returns_data(observed_settings, start_worker, tmp_path):
+@pytest.fixture
+def start_prometheus(tmp_path):
+    started: list[Prometheus] = []
+
+    def start(worker_port: int) -> Prometheus:
+        started.append(Prometheus(tmp_path, worker_port))
+        return started[-1].start()
+
+    yield start
+    for prom in started:
+        prom.stop()
+
+
+def test_prometheus_scrapes_the_worker_and_every_dashboard_query_returns_data(observed_settings, start_worker,
+                                                                                 start_prometheus):
     dashboard = load()
     worker = start_worker(observed_settings)
-    prom = Prometheus(tmp_path, worker.settings.web_port).start()
+    prom = start_prometheus(worker.settings.web_port)
     assert wait_until(lambda: ready(worker), 60), worker.log()[-3000:]
     since = time.time()
-    feeder = Feeder(observed_settings, worker.settings.web_port).start()
     empty: list[str] = []
-    try:
-        def all_have_data() -> bool:
-            empty[:] = empty_queries(prom, dashboard, since)
-            return not empty
 
+    def all_have_data() -> bool:
+        empty[:] = empty_queries(prom, dashboard, since)
+        return not empty
+
+    with Feeder(observed_settings, worker.settings.web_port) as feeder:
         assert wait_until(all_have_data, 75, interval_s=1.0), \
             f"{len(empty)} dashboard queries without data after {feeder.rounds} rounds of input:\n" + "\n".join(empty)
-        (target,) = [t for t in prom.api("targets")["activeTargets"] if t["labels"]["job"] == "inferstream-worker"]
-        assert target["health"] == "up" and not target["lastError"], target
-        # the alerting rules of deploy/prometheus are loaded and evaluate without error on real series
-        rules = [r for g in prom.api("rules")["groups"] for r in g["rules"]]
-        assert sorted(r["name"] for r in rules) == sorted(rule_names()), rules
-        assert all(r["health"] == "ok" for r in rules), [r for r in rules if r["health"] != "ok"]
-        # Prometheus' own lint of names, units and help texts, on what the worker serves with data
-        with urllib.request.urlopen(f"http://127.0.0.1:{worker.settings.web_port}/metrics", timeout=5) as r:
-            lint = subprocess.run([require_tool("promtool"), "check", "metrics"], input=r.read(), capture_output=True,
-                                  timeout=60)
-        assert lint.returncode == 0, (lint.stdout + lint.stderr).decode()
-    finally:
-        feeder.stop()
-        prom.stop()
+    assert not feeder.errors, feeder.errors
+    (target,) = [t for t in prom.api("targets")["activeTargets"] if t["labels"]["job"] == "inferstream-worker"]
+    assert target["health"] == "up" and not target["lastError"], target
+
+    # the alerting rules of deploy/prometheus are loaded and evaluate without error on real series
+    rules = [r for g in prom.api("rules")["groups"] for r in g["rules"]]
+    assert sorted(r["name"] for r in rules) == sorted(rule_names()), rules
+    assert all(r["health"] == "ok" for r in rules), [r for r in rules if r["health"] != "ok"]
+
+    # Prometheus' own lint of names, units and help texts, on what the worker serves after the load
+    with urllib.request.urlopen(f"http://127.0.0.1:{worker.settings.web_port}/metrics", timeout=5) as r:
+        lint = subprocess.run([require_tool("promtool"), "check", "metrics"], input=r.read(), capture_output=True,
+                              timeout=60)
+    assert lint.returncode == 0, (lint.stdout + lint.stderr).decode()
     assert worker.alive(), worker.log()[-2000:]
