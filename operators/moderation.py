@@ -5,13 +5,20 @@ Each distinct model version is loaded once and shared by the checks that name it
 are batched with other records' parts per model, then joined back into one judgement. Which version
 serves a record comes from the model registry (operators/registry.py), chosen once per record by its
 key (`Moderator.assign`): pins, A/B splits and shadows change without dropping a record.
+
+streams/ calls `Moderator.moderate` once per batch of records: versions assigned on the event loop,
+images decoded and every model's preprocessing done in the decode threads (one hand-off per chunk),
+one batcher submission per model, then the policy over the typed results; each record comes back as
+a `Moderated` (its live judgement, its shadow judgement, or why it failed and where).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +27,7 @@ import numpy as np
 from operators import tasks
 from operators.batcher import STREAM, BatchFailed
 from operators.degrade import DegradationLadder, LadderConfig
+from operators.images import ImageLimits, decode_source
 from operators.model_repository import ModelRef, ModelRepository
 from operators.policy import Policy, PolicyError, verdict_fields
 from operators.registry import ModelRegistry
@@ -78,6 +86,45 @@ class Assignment:
         """The same record with each shadowed check served by its shadow version (arm `shadow`)."""
         return Assignment(self.key, {**self.stages, **self.shadows},
                           {**self.arms, **{check: "shadow" for check in self.shadows}})
+
+
+@dataclass(eq=False)
+class RecordInput:
+    """One record to moderate: its key (the record id: which versions serve it) and its parts."""
+
+    key: str | None
+    text: str | None = None
+    image: tuple[Any, str, int | None, int | None] | None = None  # (data, encoding, declared width, height)
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """The policy's judgement of one record by one set of versions: the verdict's judgement fields
+    (safe, violations, scores, entities, detections, classifications), the models of the checks that
+    ran (check -> name, version, provider, arm) and the redacted text when the policy asks for one."""
+
+    fields: dict[str, Any]
+    models: dict[str, dict[str, str]]
+    redacted_text: str | None = None
+
+    @property
+    def safe(self) -> bool:
+        return self.fields["safe"]
+
+
+@dataclass
+class Moderated:
+    """One record's outcome: its live judgement and, when it ran shadow versions that all succeeded,
+    the shadow one (`shadow_checks` the checks they served); or `failure` and the `stage` it failed in
+    (decode, inference, verdict). `refs`: the versions that served its checks."""
+
+    live: Judgement | None = None
+    shadow: Judgement | None = None
+    shadow_checks: tuple[str, ...] = ()
+    refs: tuple[str, ...] = ()
+    inference_s: float = 0.0
+    failure: Exception | None = None
+    stage: str = "decode"
 
 
 def preprocess_all(operator: Any, values: Sequence[Any]) -> list[Any]:
@@ -243,7 +290,7 @@ class Moderator:
         return out
 
     async def judge(self, items: dict[str, Any], assignment: Assignment | None = None, lane: int = STREAM) -> dict[str, Any]:
-        """The results of one prepared record as_dict() by stage ref; raises ModelFailed."""
+        """The typed results of one prepared record by stage ref; raises ModelFailed."""
         (results,) = await self.judge_many([items], [assignment or self.assign(None, lease=False)], lane)
         if isinstance(results, Exception):
             raise results
@@ -252,7 +299,7 @@ class Moderator:
     async def judge_many(self, items: Sequence[dict[str, Any]], assignments: Sequence[Assignment],
                          lane: int = STREAM) -> list[dict[str, Any] | ModelFailed]:
         """Every prepared record's parts through their models' batchers: one submission per model for
-        the whole batch, all models concurrently. Per record its results as_dict() by stage ref, or
+        the whole batch, all models concurrently. Per record its typed results by stage ref, or
         ModelFailed when one of its (non-shadow) models failed on it even alone. A shadow that fails
         is left out of the results (logged)."""
         groups: dict[str, tuple[Stage, list[int]]] = {}
@@ -270,7 +317,7 @@ class Moderator:
                 if isinstance(done, ModelFailed):
                     continue
                 if not isinstance(outcome, BatchFailed):
-                    done[ref] = outcome.as_dict()
+                    done[ref] = outcome
                 elif ref in assignments[i].shadow_refs:
                     log.warning("shadow %s failed on record %s: %s", ref, assignments[i].key, outcome)
                 else:
@@ -286,6 +333,85 @@ class Moderator:
             if stage.ref in results:
                 applied.append((check, stage.model.config.task, results[stage.ref]))
         return verdict_fields(applied)
+
+    def _judged(self, results: dict[str, Any], assignment: Assignment, text: str | None) -> Judgement:
+        fields = self.judgement(results, assignment)
+        models = {check: info for check, info in assignment.models().items() if assignment.stages[check].ref in results}
+        return Judgement(fields, models, self.policy.redacted(text, fields["entities"]))
+
+    # ------------------------------------------------------------------------------ a batch of records
+    async def moderate(self, records: Sequence[RecordInput], pool: Executor, threads: int,
+                       limits: ImageLimits | None = None,
+                       decode_rule: Callable[[Assignment], Callable[[int, int], float] | None] = lambda a: None,
+                       shadows: bool = True, lane: int = STREAM) -> list[Moderated]:
+        """Each record's live (and shadow) judgement, or its failure: the one call per batch. Images are
+        decoded in `pool` (up to `threads` chunks; `decode_rule(assignment)`: how much smaller a JPEG may
+        be decoded, None for full size); without `shadows` no shadow version runs (nowhere to report it).
+        Never raises for one record: its exception is its `failure`."""
+        assignments = self.assign_many([r.key for r in records], shadows=shadows)
+        outcomes = [Moderated(refs=tuple(s.ref for s in a.stages.values())) for a in assignments]
+        lease = self.lease(assignments)  # none of the versions assigned retires under the batch
+        try:
+            items = await self._prepare_in_threads(records, assignments, outcomes, pool, threads, limits or ImageLimits(),
+                                                   decode_rule)
+            live = [i for i, o in enumerate(outcomes) if o.failure is None]
+            started = time.perf_counter()
+            judged = await self.judge_many([items[i] for i in live], [assignments[i] for i in live], lane)
+            elapsed = time.perf_counter() - started
+            for i, results in zip(live, judged, strict=True):
+                outcome, assignment = outcomes[i], assignments[i]
+                outcome.inference_s = elapsed
+                if isinstance(results, Exception):
+                    outcome.stage, outcome.failure = "inference", results
+                    continue
+                outcome.stage = "verdict"
+                try:
+                    outcome.live = self._judged(results, assignment, records[i].text)
+                    if assignment.shadows and all(s.ref in results for s in assignment.shadows.values()):
+                        outcome.shadow = self._judged(results, assignment.shadowed(), records[i].text)
+                        outcome.shadow_checks = tuple(sorted(assignment.shadows))
+                except Exception as exc:  # e.g. a rule naming a label the model lacks: this record's dead letter
+                    outcome.failure = exc
+        finally:
+            lease.release()
+        return outcomes
+
+    async def _prepare_in_threads(self, records: Sequence[RecordInput], assignments: Sequence[Assignment],
+                                  outcomes: list[Moderated], pool: Executor, threads: int, limits: ImageLimits,
+                                  decode_rule: Callable[[Assignment], Any]) -> list[dict[str, Any] | None]:
+        """Decode and preprocess in the decode threads: one hand-off per chunk (as many chunks as
+        threads when there are images to decode, else one)."""
+        items: list[dict[str, Any] | None] = [None] * len(records)
+        if not records:
+            return items
+        chunks = max(1, min(threads, sum(1 for r in records if r.image is not None)))
+        size = -(-len(records) // chunks)
+
+        def chunk(start: int) -> None:
+            parts, ready = [], []
+            rules: dict[int, Any] = {}  # per assignment, not per record (records usually share one)
+            for i in range(start, min(start + size, len(records))):
+                record, assignment = records[i], assignments[i]
+                try:
+                    rgb = None
+                    if record.image is not None:
+                        if id(assignment) not in rules:
+                            rules[id(assignment)] = decode_rule(assignment)
+                        rgb = decode_source(*record.image, limits, rules[id(assignment)])
+                except Exception as exc:
+                    outcomes[i].failure = exc
+                    continue
+                parts.append((record.text, rgb))
+                ready.append(i)
+            for i, prepared in zip(ready, self.prepare_many(parts, [assignments[i] for i in ready]), strict=True):
+                if isinstance(prepared, Exception):
+                    outcomes[i].failure = prepared
+                else:
+                    items[i] = prepared
+
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(pool, chunk, start) for start in range(0, len(records), size)))
+        return items
 
     async def close(self) -> None:
         await self.registry.close()

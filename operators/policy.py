@@ -65,7 +65,7 @@ class Check:
         rule = RULES.get(tasks.get(task).rule)
         if rule is None:
             raise PolicyError(f"check {self.name!r}: no rule for task {task!r}")
-        return rule(self, result.as_dict() if hasattr(result, "as_dict") else result)  # typed -> verdict form
+        return rule(self, verdict_form(result))
 
     def _violation(self, score: float, **extra: Any) -> dict[str, Any]:
         return {"check": self.name, "model": self.model, "score": round(float(score), 6), **extra}
@@ -91,6 +91,12 @@ class Check:
     def _classes(self, classes: list[dict[str, Any]]) -> tuple[list, dict]:
         hits = [c for c in classes[: self.top_k] if c["label"] in self.labels and c["score"] > self.above]
         return [self._violation(c["score"], label=c["label"]) for c in hits], {"classifications": classes}
+
+
+def verdict_form(result: Any) -> Any:
+    """A typed result (operators/tasks.py `Result`) -> its `as_dict()` form, what the rules read; a
+    result already in that form as it is."""
+    return result.as_dict() if hasattr(result, "as_dict") else result
 
 
 # rule name (a task entry's `rule`) -> the check's method that applies it
@@ -177,11 +183,15 @@ class Policy:
 
 
 def verdict_fields(policy_results: list[tuple[Check, str, Any]]) -> dict[str, Any]:
-    """Combine every check's (check, task, result) into the verdict's judgement fields."""
+    """Combine every check's (check, task, result) into the verdict's judgement fields; a typed result
+    read by several checks is put in its verdict form once."""
     violations: list[dict[str, Any]] = []
     body: dict[str, Any] = {"scores": {}, "entities": [], "detections": [], "classifications": []}
+    forms: dict[int, Any] = {}
     for check, task, result in policy_results:
-        found, report = check.evaluate(task, result)
+        if id(result) not in forms:
+            forms[id(result)] = verdict_form(result)
+        found, report = check.evaluate(task, forms[id(result)])
         violations.extend(found)
         for key, value in report.items():
             if isinstance(body[key], dict):

@@ -1,19 +1,17 @@
 """Posts and frames -> moderation verdicts.
 
-Per record: validate (schema, headers) -> assign model versions by record id (serving version,
-A/B arm, shadow sample) -> decode + per-model preprocessing (worker thread) -> every model through
-its own micro-batcher (operators.moderation.Moderator) -> policy -> verdict (+ a shadow verdict on
+Per batch: validate each record (schema, headers) -> one `Moderator.moderate` call (model versions
+assigned by record id, decode + per-model preprocessing in the decode threads, every model through its
+own micro-batcher, policy: operators/moderation.py) -> per record a verdict (+ a shadow verdict on
 `shadow-verdicts` for sampled ids), or a dead letter naming the reason. Agents stay thin: they
-register each event with the OrderedAcker and move on while earlier records are decoded and inferred.
+register each batch with the OrderedAcker and move on while earlier records are decoded and inferred.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import socket
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,8 +19,8 @@ from typing import Any
 
 from operators.batcher import SYNC
 from operators.errors import BadInput
-from operators.images import ImageLimits, decode_source
-from operators.moderation import Assignment, ModelFailed, Moderator
+from operators.images import ImageLimits
+from operators.moderation import Assignment, Judgement, ModelFailed, Moderated, Moderator, RecordInput
 from streams import metrics
 from streams.config import Settings
 from streams.cores import decode_threads
@@ -66,11 +64,9 @@ class _Record:
     stage: str = "validate"
     record_id: str = ""
     fields: dict[str, Any] | None = None
-    assignment: Assignment | None = None
     text: str | None = None
     image: tuple[bytes, str, int | None, int | None] | None = None  # (data, encoding, declared width, height)
-    items: dict[str, Any] | None = None
-    results: dict[str, Any] | None = None
+    outcome: Moderated | None = None
     failure: tuple[str, str, str] | None = None
 
     def fail(self, exc: Exception) -> None:
@@ -87,14 +83,13 @@ class ModerationPipeline:
     """`verdicts_topic`/`dead_letters_topic` default to the live topics; a replay passes its own output
     topic and `versioned_keys=True`, so its verdict keys name the model versions that produced them.
 
-    Each record is assigned its model versions by its id (`Moderator.assign`): the serving version, or
-    its A/B arm, deterministic per id. Sampled ids also run the shadow version; its verdict goes to
-    `shadow_topic` (default: the live `shadow-verdicts` when writing the live verdicts, none for a
-    replay into its own topic), never to the verdicts topic.
+    Each record is assigned its model versions by its id: the serving version, or its A/B arm,
+    deterministic per id. Sampled ids also run the shadow version; its verdict goes to `shadow_topic`
+    (default: the live `shadow-verdicts` when writing the live verdicts, none for a replay into its own
+    topic), never to the verdicts topic.
 
-    Records are handled in batches (`handle_frames`, `handle_posts`): parsed and assigned on the event
-    loop, decoded and preprocessed in the decode threads (one hand-off per chunk of the batch, each
-    model preprocessing its records in one call), judged with one submission per model, and turned into
+    Records are handled in batches (`handle_frames`, `handle_posts`): parsed on the event loop, then
+    moderated with one call per batch (operators/moderation.py `Moderator.moderate`), and turned into
     verdicts; every record of the batch gets its outputs or a dead letter, never an exception."""
 
     def __init__(self, settings: Settings, moderator: Moderator, verdicts_topic: str | None = None,
@@ -111,9 +106,6 @@ class ModerationPipeline:
         self.versioned_keys = versioned_keys
         self.extra = extra or {}
         self._metric_children: dict[tuple[str, bool, str], tuple[Any, Any]] = {}
-
-    async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     # ----------------------------------------------------------------------------- the record path
     async def handle_frames(self, sources: list[SourceRecord]) -> list[list[Output]]:
@@ -158,70 +150,27 @@ class ModerationPipeline:
             record.fail(exc)
         return record
 
-    def _assign(self, records: list[_Record]) -> None:
-        """Each valid record's model versions, by its id (on the event loop, where versions switch)."""
-        live = [r for r in records if r.failure is None]
-        for r, assignment in zip(live, self.moderator.assign_many([r.record_id for r in live],
-                                                                  shadows=self.shadow_topic is not None), strict=True):
-            r.assignment = assignment
-            r.stage = "decode"
-
     async def _handle(self, records: list[_Record]) -> list[list[Output]]:
-        lease = None
         degradation = self.moderator.degradation()  # the rungs in force when the versions are assigned
         batch_fields = {"degradation": degradation} if degradation is not None else {}
+        live = [r for r in records if r.failure is None]
+        for r in live:
+            r.stage = "decode"
         try:
-            self._assign(records)
-            # one lease for the batch on every version its records were assigned: none retires under them
-            lease = self.moderator.lease(r.assignment for r in records if r.assignment is not None)
-            await self._prepare(records)
-            started = time.perf_counter()
-            await self._judge(records)
-            return self._finish(records, started, batch_fields)
+            outcomes = await self.moderator.moderate(
+                [RecordInput(r.record_id, r.text, r.image) for r in live], self.pool, self.decode_threads, self.limits,
+                self._reduction, shadows=self.shadow_topic is not None)
+            for r, outcome in zip(live, outcomes, strict=True):
+                r.outcome = outcome
+                if outcome.failure is not None:
+                    r.stage = outcome.stage
+                    r.fail(outcome.failure)
         except Exception as exc:  # a bug in the batch machinery: dead-letter what is unfinished, lose nothing
             log.exception("batch of %d records failed: %s", len(records), exc)
             for r in records:
                 if r.failure is None:
                     r.fail(exc)
-            return self._finish(records, time.perf_counter(), batch_fields)
-        finally:
-            if lease is not None:
-                lease.release()
-
-    async def _prepare(self, records: list[_Record]) -> None:
-        """Decode images and preprocess for every model, in the decode threads: one hand-off per chunk
-        (as many chunks as decode threads when there are images to decode, else one)."""
-        live = [r for r in records if r.failure is None]
-        if not live:
-            return
-        with_images = sum(1 for r in live if r.image is not None)
-        chunks = max(1, min(self.decode_threads, with_images))
-        size = -(-len(live) // chunks)
-        await asyncio.gather(*(self._in_thread(self._prepare_chunk, live[i : i + size]) for i in range(0, len(live), size)))
-
-    def _prepare_chunk(self, records: list[_Record]) -> None:
-        parts, ready = [], []
-        reductions: dict[int, Any] = {}  # per assignment, not per record (records usually share one)
-        for r in records:
-            try:
-                if r.image is None:
-                    rgb = None
-                else:
-                    key = id(r.assignment)
-                    if key not in reductions:
-                        reductions[key] = self._reduction(r.assignment)
-                    rgb = decode_source(*r.image, self.limits, reductions[key])
-            except Exception as exc:
-                r.fail(exc)
-                continue
-            parts.append((r.text, rgb))
-            ready.append(r)
-        for r, items in zip(ready, self.moderator.prepare_many(parts, [r.assignment for r in ready]), strict=True):
-            if isinstance(items, Exception):
-                r.fail(items)
-            else:
-                r.items = items
-                r.stage = "inference"
+        return self._finish(records, batch_fields)
 
     def _reduction(self, assignment: Assignment):
         """What decoding at a reduced scale must respect for this record (None: full size always)."""
@@ -229,26 +178,14 @@ class ModerationPipeline:
             return None
         return lambda width, height: self.moderator.reduction_limit(assignment, width, height)
 
-    async def _judge(self, records: list[_Record]) -> None:
-        live = [r for r in records if r.failure is None]
-        if not live:
-            return
-        outcomes = await self.moderator.judge_many([r.items for r in live], [r.assignment for r in live])
-        for r, results in zip(live, outcomes, strict=True):
-            if isinstance(results, Exception):
-                r.fail(results)
-            else:
-                r.results = results
-            r.items = None  # tensors are not needed any more: free them before the verdicts are built
-
-    def _finish(self, records: list[_Record], started: float, batch_fields: dict[str, Any]) -> list[list[Output]]:
+    def _finish(self, records: list[_Record], batch_fields: dict[str, Any]) -> list[list[Output]]:
         """Each record's verdict (and shadow verdict), or its dead letter."""
         produced = now_ms()
         out = []
         for r in records:
             if r.failure is None:
                 try:
-                    out.append(self._outputs(r, started, produced, batch_fields))
+                    out.append(self._outputs(r, produced, batch_fields))
                     continue
                 except Exception as exc:
                     r.stage = "verdict"
@@ -260,53 +197,43 @@ class ModerationPipeline:
         """A post judged synchronously (REST `POST /moderate`): the verdict's fields, produced nowhere.
         Raises BadInput (invalid post) or ModelFailed, like the live path would dead-letter them."""
         post = parse_post(value)
-        with self.moderator.assign(post["id"], shadows=False) as assignment:
-            def prepare():
-                image = post.get("image")
-                rgb = decode_source(image["data"], image["encoding"], None, None, self.limits,
-                                    self._reduction(assignment)) if image else None
-                return self.moderator.prepare(text=post["text"] or None, image=rgb, assignment=assignment)
-
-            items = await self._in_thread(prepare)
-            started = time.perf_counter()
-            results = await self.moderator.judge(items, assignment, SYNC)  # behind stream records
-            judgement = self.moderator.judgement(results, assignment)
-            verdict = {"schema": VERDICT_SCHEMA, "id": post["id"], "kind": "post", "user_id": post["user_id"],
-                       "created_at": post["created_at"], **judgement, "models": self._models(results, assignment),
-                       "latency_ms": {"inference": round((time.perf_counter() - started) * 1000, 3)}}
-            redacted = self.moderator.policy.redacted(post["text"] or None, judgement["entities"])
-            if redacted is not None:
-                verdict["redacted_text"] = redacted
-            return verdict
+        image = post.get("image")
+        record = RecordInput(post["id"], post["text"] or None, (image["data"], image["encoding"], None, None) if image else None)
+        (outcome,) = await self.moderator.moderate([record], self.pool, self.decode_threads, self.limits, self._reduction,
+                                                   shadows=False, lane=SYNC)  # behind stream records
+        if outcome.failure is not None:
+            raise outcome.failure
+        return {"schema": VERDICT_SCHEMA, "id": post["id"], "kind": "post", "user_id": post["user_id"],
+                "created_at": post["created_at"], **self._judgement_fields(outcome.live),
+                "latency_ms": {"inference": round(outcome.inference_s * 1000, 3)}}
 
     @staticmethod
-    def _models(results: dict[str, Any], assignment: Assignment) -> dict[str, dict[str, str]]:
-        """check -> {name, version, provider, arm} for the checks that ran on this record."""
-        return {check: info for check, info in assignment.models().items() if assignment.stages[check].ref in results}
+    def _judgement_fields(judgement: Judgement) -> dict[str, Any]:
+        """What a verdict says of a judgement: its fields, its models, and the redacted text if any."""
+        fields = {**judgement.fields, "models": judgement.models}
+        if judgement.redacted_text is not None:
+            fields["redacted_text"] = judgement.redacted_text
+        return fields
 
-    def _outputs(self, record: _Record, started: float, produced: int, batch_fields: dict[str, Any]) -> list[Output]:
+    def _outputs(self, record: _Record, produced: int, batch_fields: dict[str, Any]) -> list[Output]:
         """The verdict, and the shadow verdict when this record ran a shadow version that succeeded."""
-        assignment, results = record.assignment, record.results
-        outputs = [self._verdict(record, started, produced, batch_fields, assignment)]
-        if assignment.shadows and self.shadow_topic:
-            if all(s.ref in results for s in assignment.shadows.values()):
-                outputs.append(self._verdict(record, started, produced, batch_fields, assignment.shadowed(),
-                                             shadow_of=assignment))
+        outcome = record.outcome
+        outputs = [self._verdict(record, outcome.live, produced, batch_fields)]
+        if outcome.shadow is not None and self.shadow_topic:
+            outputs.append(self._verdict(record, outcome.shadow, produced, batch_fields, shadow=True))
         return outputs
 
-    def _verdict(self, record: _Record, started: float, produced: int, batch_fields: dict[str, Any],
-                 assignment: Assignment, shadow_of: Assignment | None = None) -> Output:
-        source, results, record_id = record.source, record.results, record.record_id
-        judgement = self.moderator.judgement(results, assignment)
+    def _verdict(self, record: _Record, judgement: Judgement, produced: int, batch_fields: dict[str, Any],
+                 shadow: bool = False) -> Output:
+        source, outcome, record_id = record.source, record.outcome, record.record_id
         verdict = {
             "schema": VERDICT_SCHEMA,
             "id": record_id,
             **record.fields,
-            **judgement,
-            "models": self._models(results, assignment),
+            **self._judgement_fields(judgement),
             "latency_ms": {
                 "end_to_end": (produced - source.timestamp_ms) if source.timestamp_ms else None,
-                "inference": round((time.perf_counter() - started) * 1000, 3),
+                "inference": round(outcome.inference_s * 1000, 3),
             },
             "source": source.coordinates(),
             "worker": WORKER_ID,
@@ -314,16 +241,12 @@ class ModerationPipeline:
             **batch_fields,
             **self.extra,
         }
-        redacted = self.moderator.policy.redacted(record.text, judgement["entities"])
-        if redacted is not None:
-            verdict["redacted_text"] = redacted
-        if shadow_of is not None:  # a shadow verdict: recorded, never acted on, never on the verdicts topic
-            live = self.moderator.judgement(results, shadow_of)
-            verdict["shadow"] = {"checks": sorted(shadow_of.shadows), "live_safe": live["safe"],
-                                 "live_models": self._models(results, shadow_of)}
+        if shadow:  # a shadow verdict: recorded, never acted on, never on the verdicts topic
+            verdict["shadow"] = {"checks": list(outcome.shadow_checks), "live_safe": outcome.live.safe,
+                                 "live_models": outcome.live.models}
             return Output(self.shadow_topic, record_id.encode(), dumps(verdict))
-        self._count(record.fields["kind"], judgement, source, produced)
-        return Output(self.verdicts_topic, (record_id + self._key_suffix(assignment)).encode(), dumps(verdict),
+        self._count(record.fields["kind"], judgement.fields, source, produced)
+        return Output(self.verdicts_topic, (record_id + self._key_suffix(outcome)).encode(), dumps(verdict),
                       partition_key=self._stream_of(record))
 
     @staticmethod
@@ -344,11 +267,11 @@ class ModerationPipeline:
         if source.timestamp_ms:
             children[1].observe(max(0, produced - source.timestamp_ms) / 1000)
 
-    def _key_suffix(self, assignment: Assignment) -> str:
+    def _key_suffix(self, outcome: Moderated) -> str:
         """`|name@version,...` of every check's model for this record (replays: keys name the versions)."""
         if not self.versioned_keys:
             return ""
-        return "|" + ",".join(sorted(s.ref for s in assignment.stages.values()))
+        return "|" + ",".join(sorted(outcome.refs))
 
     def _dead_letter(self, source: SourceRecord, reason: str, detail: str, stage: str) -> Output:
         metrics.DEAD_LETTERS.labels(source.topic, reason).inc()

@@ -246,7 +246,7 @@ def test_records_in_flight_during_a_switch_are_each_served_by_exactly_one_versio
     out, draining = asyncio.run(run())
     assert draining == []  # v1 closed once its last record was done
     for i, (version, classes) in enumerate(out):
-        assert [c["class_id"] for c in classes] == oracle_top(images[i], seed=0 if version == "1" else 1)
+        assert classes.class_ids == oracle_top(images[i], seed=0 if version == "1" else 1)
     assert {v for v, _ in out[:60]} == {"1"} and {v for v, _ in out[60:]} == {"2"}
 
 
