@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -29,14 +30,14 @@ from tqdm import tqdm
 
 from operators.model_repository import ModelRepository
 from operators.moderation import Moderator
-from operators.policy import Check, Policy, PolicyError
+from operators.policy import Policy, PolicyError
 from streams.config import Settings
 from streams.cores import share_cores
 from streams.kafka import PartitionsByKey, consumer, ensure_named_topics, ensure_topics, producer, read_range
 from streams.moderation import ModerationPipeline
 from streams.ordered import OrderedAcker, Output
 from streams.replay_events import replay_events
-from streams.replay_range import Bound, RangePlan, ReplayError, plan_range
+from streams.replay_range import Bound, RangePlan, ReplayError, pinned, plan_range
 from streams.schemas import DEAD_LETTERS, EVENTS, FRAMES, POSTS, SourceRecord, decode_headers
 
 log = logging.getLogger(__name__)
@@ -119,18 +120,8 @@ class ReplayOptions:
 
 def pinned_policy(policy: Policy, pins: tuple[str, ...]) -> Policy:
     """The policy with each check's model replaced by the pinned NAME@VERSION of the same name."""
-    by_name = {}
-    for pin in pins:
-        name, sep, version = pin.partition("@")
-        if not sep or not version:
-            raise ReplayError(f"--model {pin!r}: expected NAME@VERSION")
-        by_name[name] = pin
-    used = {c.model.partition("@")[0] for c in policy.checks}
-    unknown = set(by_name) - used
-    if unknown:
-        raise ReplayError(f"--model {', '.join(sorted(unknown))}: no check of the policy uses that model")
-    checks = tuple(Check(**{**c.__dict__, "model": by_name.get(c.model.partition("@")[0], c.model)}) for c in policy.checks)
-    return Policy(checks, policy.source, policy.raw)
+    models = pinned((c.model for c in policy.checks), pins, "no check of the policy uses that model")
+    return dataclasses.replace(policy, checks=tuple(dataclasses.replace(c, model=models[c.model]) for c in policy.checks))
 
 
 def run_id(options: ReplayOptions, settings: Settings) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from operators.retrieval import CFRetriever
 from operators.user_state import UserState
 from streams.config import Settings
 from streams.kafka import consumer, ensure_named_topics, ensure_topics, producer, read_range
-from streams.replay_range import Bound, ReplayError, plan_range
+from streams.replay_range import Bound, pinned, plan_range
 from streams.schemas import (
     DEAD_LETTERS,
     EVENTS,
@@ -37,23 +37,16 @@ from streams.schemas import (
 )
 
 
-def _pinned(ref: str, pins: tuple[str, ...]) -> str:
-    name = ref.partition("@")[0]
-    return next((p for p in pins if p.partition("@")[0] == name), ref)
-
-
 async def replay_events(settings: Settings, *, output: str, start: Bound, end: Bound, pins: tuple[str, ...] = (),
                         dead_letters: str | None = None, batch_size: int = 64) -> dict[str, Any]:
     """Lists of the users with an event between `start` and `end` into `output`, with the retrieval and
     ranking models pinned by `pins` (NAME@VERSION)."""
     repo = ModelRepository(settings.model_dir)
-    retrieval_ref = _pinned(settings.retrieval_model, pins)
-    ranking_ref = _pinned(settings.ranking_model, pins) if settings.ranking_model else ""
-    unknown = [p for p in pins if p.partition("@")[0] not in {retrieval_ref.partition("@")[0], ranking_ref.partition("@")[0]}]
-    if unknown:
-        raise ReplayError(f"--model {', '.join(unknown)}: events replays use the retrieval and ranking models only")
-    retriever = CFRetriever.from_repository(repo, retrieval_ref)
-    recommender = ListRecommender(retriever, CandidateRanker(repo.load(ranking_ref)) if ranking_ref else None)
+    refs = pinned([r for r in (settings.retrieval_model, settings.ranking_model) if r], pins,
+                  "events replays use the retrieval and ranking models only")
+    retriever = CFRetriever.from_repository(repo, refs[settings.retrieval_model])
+    ranker = CandidateRanker(repo.load(refs[settings.ranking_model])) if settings.ranking_model else None
+    recommender = ListRecommender(retriever, ranker)
     models = recommender.models
     run = json.dumps({"source": settings.topic(EVENTS), "output": output, "from": start.__dict__,
                       "to": end.__dict__, "models": models}, sort_keys=True)

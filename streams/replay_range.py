@@ -1,4 +1,5 @@
-"""What a replay reads: `--from`/`--to` bounds, and their plan as offsets per partition of a topic.
+"""What a replay selects: the records (`--from`/`--to` bounds, planned as offsets per partition of a
+topic) and the model versions (`--model` pins).
 
 - The end of a partition is its high watermark when the replay starts, taken from fetch responses
   (the embedded broker's ListOffsets "latest" is wrong, its fetch high watermark is right; measured),
@@ -8,16 +9,20 @@
   otherwise (the embedded broker indexes arrival time and answers historic times with 0) it scans
   from the earliest offset. Either way every record is filtered by timestamp (`RangePlan.selects`),
   and the plan says which method ran.
+- A pin NAME@VERSION replaces every model of that name; a pin no model of the replay uses is refused
+  (a typo must not silently replay the serving version).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from operators.model_repository import ModelRef
 from streams.kafka import fetch_high_watermarks
 
 
@@ -132,3 +137,18 @@ async def _record_timestamp(kafka: AIOKafkaConsumer, tp: TopicPartition, offset:
     batch = await kafka.getmany(tp, timeout_ms=2000, max_records=1)
     records = batch.get(tp, [])
     return records[0].timestamp if records and records[0].offset == offset else None
+
+
+def pinned(refs: Iterable[str], pins: Iterable[str], unused: str) -> dict[str, ModelRef]:
+    """Each of `refs` -> the pin of its model's name, or itself. A pin that is not NAME@VERSION, or that
+    names no model of `refs`, is a ReplayError (`unused` says why such a pin cannot apply)."""
+    by_name: dict[str, ModelRef] = {}
+    for pin in map(ModelRef, pins):
+        if pin.version is None:
+            raise ReplayError(f"--model {pin!r}: expected NAME@VERSION")
+        by_name[pin.name] = pin
+    used = [ModelRef(ref) for ref in refs]
+    unknown = sorted(set(by_name) - {ref.name for ref in used})
+    if unknown:
+        raise ReplayError(f"--model {', '.join(unknown)}: {unused}")
+    return {ref: by_name.get(ref.name, ref) for ref in used}
