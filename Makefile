@@ -9,7 +9,7 @@ comma   := ,
 STAMP   := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 PYTEST_ARGS ?=
 
-.PHONY: install models run test rtsp-test-deps deploy-test-tools bench bench-adaptive eval lint clean
+.PHONY: install models run test rtsp-test-deps deploy-test-tools bench bench-adaptive bench-cameras eval lint clean
 
 install: $(STAMP)
 
@@ -68,6 +68,10 @@ bench: models
 # Step load (30% -> 200% -> 30% of capacity) against fixed batching, the controller, and the ladder (~12 min)
 bench-adaptive: models
 	$(BIN)/python bench/adaptive.py
+
+# Live cameras: cameras per ingester at 5 fps 640x480, memory under a 60 s broker stall, reconnect times (~15 min)
+bench-cameras: install rtsp-test-deps
+	$(BIN)/python bench/cameras.py
 
 # PII evaluation: our NER model + recognizers vs Presidio on tests/data/pii_eval.jsonl -> bench/results/pii_eval.json
 eval: models
