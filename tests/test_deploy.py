@@ -45,7 +45,7 @@ from dockerfile_parse import DockerfileParser
 from grafana_dashboard import all_panels, metric_names, panel_queries, static_form, template_variables
 
 from streams.config import Settings
-from streams.schemas import ALL_TOPICS
+from streams.schemas import ALERT_STATE, ALL_TOPICS, USER_STATE
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "docker-compose.yml"
@@ -170,9 +170,6 @@ class Dockerfile:
                 name = words[2] if len(words) >= 3 and words[1].upper() == "AS" else None
                 self.stages.append({"name": name, "image": next(images)})
             self.instructions.append((len(self.stages) - 1, instruction, rest))
-
-    def stage_of(self, name: str) -> int:
-        return next(i for i, s in enumerate(self.stages) if s["name"] == name)
 
     def get(self, instruction: str, stage: int | None = None) -> list[str]:
         stage = len(self.stages) - 1 if stage is None else stage
@@ -548,7 +545,9 @@ def test_topic_script_creates_the_topics_the_workers_expect(services, worker_set
     env = service_env(services["topic-init"])
     calls = _run_topic_script(env, tmp_path)
     creates = [c for c in calls if c[0] == "kafka-topics.sh" and "--create" in c]
-    expected = sorted(worker_settings.replace(topic_prefix=env.get("TOPIC_PREFIX", "")).topic(t) for t in ALL_TOPICS)
+    named = worker_settings.replace(topic_prefix=env.get("TOPIC_PREFIX", ""))
+    expected = sorted(named.topic(t) for t in ALL_TOPICS)
+    changelogs = {named.topic(USER_STATE), named.topic(ALERT_STATE)}  # the recommender's and the alert agent's
     assert sorted(_flag_values(c, "--topic")[0] for c in creates) == expected
     assert worker_settings.topic_prefix == env.get("TOPIC_PREFIX", ""), "topic prefix differs from the workers'"
     for call in creates:
@@ -559,8 +558,8 @@ def test_topic_script_creates_the_topics_the_workers_expect(services, worker_set
         configs = dict(c.split("=", 1) for c in _flag_values(call, "--config"))
         # the same topic limit the workers' ensure_topics would set
         assert int(configs["max.message.bytes"]) == worker_settings.max_message_bytes + REQUEST_HEADROOM
-        if _flag_values(call, "--topic")[0].endswith("user-state"):
-            # the recommender's changelog: compacted, kept forever (the last state of every user)
+        if _flag_values(call, "--topic")[0] in changelogs:
+            # compacted and kept forever (the last state of every user or stream), as ensure_topics makes them
             assert configs["cleanup.policy"] == "compact" and configs["retention.ms"] == "-1"
         else:
             assert configs["cleanup.policy"] == "delete" and int(configs["retention.ms"]) > 0
