@@ -9,7 +9,7 @@ comma   := ,
 STAMP   := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 PYTEST_ARGS ?=
 
-.PHONY: install models run test rtsp-test-deps deploy-test-tools bench bench-adaptive bench-cameras eval lint clean
+.PHONY: install models run test rtsp-test-deps deploy-test-tools bench bench-adaptive bench-cameras soak eval lint clean
 
 install: $(STAMP)
 
@@ -72,6 +72,11 @@ bench-adaptive: models
 # Live cameras: cameras per ingester at 5 fps 640x480, memory under a 60 s broker stall, reconnect times (~15 min)
 bench-cameras: install rtsp-test-deps
 	$(BIN)/python bench/cameras.py
+
+# Soak: two workers, frames + posts + events at 70% of the measured capacity, kill -9 / broker frozen /
+# poison / hot swap on a schedule (10 min + ~3 min of capacity and drain; SOAK_ARGS="--minutes 60")
+soak: models
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 # PII evaluation: our NER model + recognizers vs Presidio on tests/data/pii_eval.jsonl -> bench/results/pii_eval.json
 eval: models

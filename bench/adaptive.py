@@ -21,11 +21,9 @@ import asyncio
 import json
 import os
 import platform
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +34,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.frames_throughput import sample_frames  # noqa: E402
+from bench.harness import Worker, collect  # noqa: E402
 from operators.images import encode_image  # noqa: E402
 from streams.broker import EmbeddedBroker, free_port  # noqa: E402
 from streams.config import Settings  # noqa: E402
-from streams.kafka import consumer, ensure_topics, producer  # noqa: E402
+from streams.kafka import ensure_topics, producer  # noqa: E402
 from streams.schemas import FRAMES, VERDICTS, FrameMeta  # noqa: E402
 
 MODEL = ROOT / "models" / "efficientnet-lite0" / "1"
@@ -61,34 +60,6 @@ def model_repo(root: Path, name: str, overrides: dict[str, Any]) -> Path:
             (directory / f).symlink_to(MODEL / f)
     (directory / "config.yaml").write_text(yaml.safe_dump(config))
     return directory.parent.parent
-
-
-class Worker:
-    def __init__(self, settings: Settings, log: Path) -> None:
-        self.settings = settings
-        self.log = log.open("wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], cwd=ROOT,
-                                     env={**os.environ, **settings.to_env()}, stdout=self.log, stderr=self.log)
-
-    def metrics(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.settings.web_port}/metrics", timeout=2) as r:
-                for line in r.read().decode().splitlines():
-                    if line.startswith("inferstream_consumer_lag_records{"):
-                        out["lag"] = out.get("lag", 0.0) + float(line.split()[-1])
-                    elif line.startswith("inferstream_degradation_level{"):
-                        out["rung"] = max(out.get("rung", 0.0), float(line.split()[-1]))
-        except OSError:
-            pass
-        return out
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 async def play(settings: Settings, frames: list[bytes], size: tuple[int, int], schedule: list[tuple[float, float]],
@@ -121,24 +92,6 @@ async def play(settings: Settings, frames: list[bytes], size: tuple[int, int], s
     return sent - start_index
 
 
-async def collect(settings: Settings, stop: threading.Event, out: list[tuple[int, dict]]) -> None:
-    from aiokafka import TopicPartition
-
-    kafka = consumer(settings, group_id=None, auto_offset_reset="earliest", enable_auto_commit=False)
-    await kafka.start()
-    try:
-        name = settings.topic(VERDICTS)
-        while not kafka.partitions_for_topic(name):
-            await kafka._client.force_metadata_update()
-            await asyncio.sleep(0.2)
-        kafka.assign([TopicPartition(name, p) for p in kafka.partitions_for_topic(name)])
-        while not stop.is_set():
-            for msgs in (await kafka.getmany(timeout_ms=200)).values():
-                out.extend((m.timestamp, json.loads(m.value)) for m in msgs)
-    finally:
-        await kafka.stop()
-
-
 def run_config(name: str, base: Settings, broker: EmbeddedBroker, repo: Path, frames: list[bytes], size: tuple[int, int],
                schedule: list[tuple[float, float]], work: Path) -> dict[str, Any]:
     policy = work / "policy.yaml"
@@ -151,7 +104,7 @@ def run_config(name: str, base: Settings, broker: EmbeddedBroker, repo: Path, fr
     worker = Worker(settings, work / f"worker-{tag}.log")
     verdicts: list[tuple[int, dict]] = []
     stop = threading.Event()
-    reader = threading.Thread(target=lambda: asyncio.run(collect(settings, stop, verdicts)), daemon=True)
+    reader = threading.Thread(target=lambda: asyncio.run(collect(settings, VERDICTS, stop, verdicts)), daemon=True)
     reader.start()
     samples: list[tuple[float, float, float]] = []
     try:
@@ -233,7 +186,7 @@ def capacity(base: Settings, broker: EmbeddedBroker, repo: Path, frames: list[by
     worker = Worker(settings, work / "worker-capacity.log")
     verdicts: list[tuple[int, dict]] = []
     stop = threading.Event()
-    reader = threading.Thread(target=lambda: asyncio.run(collect(settings, stop, verdicts)), daemon=True)
+    reader = threading.Thread(target=lambda: asyncio.run(collect(settings, VERDICTS, stop, verdicts)), daemon=True)
     reader.start()
     try:
         deadline = time.monotonic() + 300

@@ -27,12 +27,12 @@ def worker_env(settings: Settings) -> dict[str, str]:
 
 
 class Worker:
-    """`inferstream worker` as a child process, logging to `log` (appended: a restart keeps the history)."""
+    """`inferstream worker` as a child process, logging to `log` (`append`: a restart keeps the history)."""
 
-    def __init__(self, settings: Settings, log: Path) -> None:
+    def __init__(self, settings: Settings, log: Path, append: bool = False) -> None:
         self.settings = settings
         self.log_path = log
-        self.log = log.open("ab")
+        self.log = log.open("ab" if append else "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], cwd=ROOT, env=worker_env(settings),
                                      stdout=self.log, stderr=subprocess.STDOUT)
 

@@ -54,6 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.frames_throughput import publish, sample_frames  # noqa: E402
+from bench.harness import Worker, cpu_seconds  # noqa: E402
 from operators.images import decode_image, encode_image  # noqa: E402
 from operators.model_repository import LoadedModel, ModelConfigError, ModelRepository  # noqa: E402
 from operators.tasks import get as task_of  # noqa: E402
@@ -188,15 +189,6 @@ def raw_throughput(model: LoadedModel, seconds: float) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------- pipeline
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a process (Linux /proc), or None where unavailable."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def _cpu_snapshot(pids: dict[str, int]) -> dict[str, float | None]:
     return {name: (sum(os.times()[:2]) if pid == os.getpid() else cpu_seconds(pid)) for name, pid in pids.items()}
 
@@ -307,26 +299,19 @@ def run_pipeline(base: Settings, broker: EmbeddedBroker, spec: ModelSpec, task: 
 
     load_before = os.getloadavg()
     log_path = mdir / "worker.log"
-    with log_path.open("wb") as log:
-        started = time.monotonic()
-        worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], cwd=ROOT,
-                                  env={**os.environ, **settings.to_env()}, stdout=log, stderr=log)
-        pids = {"worker": worker.pid, "broker": broker.process.pid, "bench": os.getpid()}
-        try:
-            got = asyncio.run(collect(settings, n, worker, pids, timeout_s=900, stall_s=60))
-            metrics = scrape_metrics(settings.web_port)
-        finally:
-            worker.terminate()
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+    started = time.monotonic()
+    worker = Worker(settings, log_path)
+    pids = {"worker": worker.pid, "broker": broker.process.pid, "bench": os.getpid()}
+    try:
+        got = asyncio.run(collect(settings, n, worker.proc, pids, timeout_s=900, stall_s=60))
+        metrics = scrape_metrics(settings.web_port)
+    finally:
+        worker.stop()
     load_after = os.getloadavg()
     marks, produced = got["marks"], got["produced_ms"]
     if len(produced) < 2 or len(marks) < 2:
         raise RuntimeError(f"{spec.name}: {len(produced)} verdicts, {len(got['dead'])} dead letters "
-                           f"(worker exit code {worker.returncode}); see {log_path}")
+                           f"(worker exit code {worker.proc.returncode}); see {log_path}")
     got_n = len(produced)
     # The worker decodes/tokenises up to max_in_flight records ahead of inference: before the first verdict
     # that work is already done for the first ~max_in_flight records, and the last ~max_in_flight verdicts

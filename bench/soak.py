@@ -108,7 +108,8 @@ class Run:
 
     # -------------------------------------------------------------------------------- workers
     def start_worker(self, slot: str) -> Worker:
-        worker = Worker(self.settings.replace(web_port=free_port()), self.work / f"{self.tag}-worker-{slot}.log")
+        worker = Worker(self.settings.replace(web_port=free_port()), self.work / f"{self.tag}-worker-{slot}.log",
+                        append=True)
         self.slots[slot] = worker
         self.note("start", slot=slot, pid=worker.pid)
         return worker
