@@ -66,6 +66,7 @@ SAMPLE_FPS = 5  # what the ingester publishes
 CLIP_SECONDS = 150  # longer than any session a part needs (the clip's end would end the session)
 KEEP_UP_RATE = 0.95
 MAX_DELAY_GROWTH_S = 0.5
+SETTLE_S = 5.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CAMERA = {"fps": SAMPLE_FPS, "max_side": 640, "jpeg_quality": 85}
 DEFAULT_BACKOFF = {"backoff_initial_s": 0.5, "backoff_max_s": 30.0}  # CameraConfig's defaults
@@ -104,8 +105,7 @@ def make_clip(path: Path, fps: int = CAMERA_FPS, seconds: int = CLIP_SECONDS) ->
 # ------------------------------------------------------------------------------------------ /proc
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of a process, all its threads (fields 14 and 15 of /proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return cpu_seconds_of(Path(f"/proc/{pid}/stat"))
 
 
 def rss_bytes(pid: int) -> int:
@@ -121,6 +121,42 @@ def machine_cpu() -> tuple[float, float]:
 
 def loadavg() -> list[float]:
     return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """{thread id: user + system CPU} of every thread of a process (the main thread's id is the pid)."""
+    threads = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            threads[int(task.name)] = cpu_seconds_of(task / "stat")
+        except (FileNotFoundError, ProcessLookupError):  # the thread ended between listing and reading
+            pass
+    return threads
+
+
+def cpu_seconds_of(stat_path: Path) -> float:
+    fields = stat_path.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+class ThreadMeter:
+    """Where a process's CPU went between `start()` and `stop()`: its main thread (the ingester's event
+    loop: producer, /metrics) against the other threads (one reader per camera), in % of one core. A
+    main thread near 100% is the event loop saturated; a process total stuck near 100% while the machine
+    has idle CPU is the GIL."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def start(self) -> None:
+        self._t0, self._first = time.monotonic(), thread_cpu_seconds(self.pid)
+
+    def stop(self) -> dict[str, float]:
+        elapsed, last = time.monotonic() - self._t0, thread_cpu_seconds(self.pid)
+        used = {tid: 100 * (cpu - self._first.get(tid, 0.0)) / elapsed for tid, cpu in last.items()}
+        others = [v for tid, v in used.items() if tid != self.pid]
+        return {"main_thread": round(used.get(self.pid, 0.0), 1), "other_threads": round(sum(others), 1),
+                "busiest_other_thread": round(max(others, default=0.0), 1), "threads": len(used)}
 
 
 class CpuMeter:
@@ -294,11 +330,14 @@ def capacity_step(clip: Path, n: int, seconds: float, workdir: Path) -> dict:
         ingester = Ingester(rig.settings, rig.cameras(), CAMERA, workdir)
         try:
             warm = wait_until(lambda: all_published(ingester, n, 5), 30, 0.5)
+            time.sleep(SETTLE_S)  # a session's first second arrives in a burst (the probe's backlog): not steady state
             meter = CpuMeter({"ingester": ingester.pid, "rtsp_server": rig.server.proc.pid,
                               "broker": rig.broker.process.pid, "bench": os.getpid()})
+            threads = ThreadMeter(ingester.pid)
             load_before, m0 = loadavg(), ingester.metrics()
             t0 = time.time()
             meter.start()
+            threads.start()
             worst_silence: dict[str, float] = {}
             peak_rss, peak_queue = 0, 0.0
             while time.time() - t0 < seconds:
@@ -309,6 +348,7 @@ def capacity_step(clip: Path, n: int, seconds: float, workdir: Path) -> dict:
                 peak_rss = max(peak_rss, rss_bytes(ingester.pid))
             m1 = ingester.metrics()
             cpu = meter.stop()
+            ingester_threads = threads.stop()
             t1 = time.time()
             load_after = loadavg()
         finally:
@@ -345,7 +385,8 @@ def capacity_step(clip: Path, n: int, seconds: float, workdir: Path) -> dict:
         "total_published_per_s": round(sum(rates), 1),
         "worst_delay_growth_s": max((c["delay_growth_s"] or 0.0 for c in cameras.values()), default=None),
         "dropped_total": sum(sum(c["dropped"].values()) for c in cameras.values()),
-        "cpu_percent_of_one_core": cpu, "ingester_peak_rss_mb": round(peak_rss / 1e6, 1),
+        "cpu_percent_of_one_core": cpu, "ingester_threads_cpu_percent": ingester_threads,
+        "ingester_peak_rss_mb": round(peak_rss / 1e6, 1),
         "peak_queue_frames": peak_queue, "load_average_before": load_before, "load_average_after": load_after,
         "per_camera": cameras,
     }
@@ -360,7 +401,8 @@ def capacity(clip: Path, counts: list[int], seconds: float, workdir: Path) -> di
         print(f"  {n:3d} cameras: {'keeps up' if step['keeps_up'] else 'BEHIND  '} published/camera "
               f"{step['published_per_camera_per_s']['min']:.2f}-{step['published_per_camera_per_s']['max']:.2f}/s, "
               f"dropped {step['dropped_total']}, delay growth {step['worst_delay_growth_s']} s; CPU% ingester "
-              f"{c['ingester']}, rtsp {c['rtsp_server']}, broker {c['broker']}, others {c['others']}; "
+              f"{c['ingester']} (main thread {step['ingester_threads_cpu_percent']['main_thread']}), rtsp "
+              f"{c['rtsp_server']}, broker {c['broker']}, others {c['others']}; "
               f"load {step['load_average_after'][0]}", flush=True)
         if len(steps) >= 2 and not steps[-1]["keeps_up"] and not steps[-2]["keeps_up"]:
             break  # two steps in a row behind: more cameras will not keep up either
@@ -369,9 +411,18 @@ def capacity(clip: Path, counts: list[int], seconds: float, workdir: Path) -> di
         if not step["keeps_up"]:
             break
         largest = step["cameras"]
+    # CPU per camera barely depends on what else runs, the count that keeps up does (the machine is shared):
+    # the slope of CPU over cameras in the steps that kept up (the intercept is the idle process)
+    kept = [st for st in steps if st["keeps_up"]]
+    per_camera = {name: round(float(np.polyfit([st["cameras"] for st in kept],
+                                               [st["cpu_percent_of_one_core"][name] for st in kept], 1)[0]), 2)
+                  for name in ("ingester", "rtsp_server", "broker")} if len(kept) >= 2 else None
     return {"criteria": f"every camera publishes >= {KEEP_UP_RATE:.0%} of {SAMPLE_FPS} fps, no frame dropped, no "
                         f"reconnect, delay (broker append time - camera pts) grows <= {MAX_DELAY_GROWTH_S} s over the window",
-            "largest_count_keeping_up": largest, "steps": steps}
+            "largest_count_keeping_up": largest, "cpu_percent_of_one_core_per_camera": per_camera,
+            "estimate_cameras_if_the_ingester_had_every_core": None if not per_camera else
+            int(100 * os.cpu_count() / per_camera["ingester"]),
+            "steps": steps}
 
 
 # ------------------------------------------------------------------------------------------ 2 stall
@@ -555,6 +606,11 @@ def main() -> None:
     if "capacity" in parts:
         print("capacity ...", flush=True)
         results["capacity"] = capacity(Path(clip_info["path"]), [int(c) for c in args.counts.split(",")], args.seconds, workdir)
+        results.setdefault("capacity_runs", []).append({  # the machine is shared: every run's outcome beside its load
+            "when": results["when"], "largest_count_keeping_up": results["capacity"]["largest_count_keeping_up"],
+            "steps": [{k: step[k] for k in ("cameras", "keeps_up", "published_per_camera_per_s", "worst_delay_growth_s",
+                                            "cpu_percent_of_one_core", "load_average_after")}
+                      for step in results["capacity"]["steps"]]})
         print(f"  largest count keeping up: {results['capacity']['largest_count_keeping_up']}", flush=True)
     if "stall" in parts:
         print(f"stall ({args.stall_seconds:g} s) ...", flush=True)
