@@ -211,7 +211,7 @@ class Run:
         elif topic == DEAD_LETTERS:
             self.ledger.dead_letter(value)
         elif topic == USER_STATE:
-            self.ledger.snapshot(value, timestamp_ms)
+            self.ledger.snapshot(self.topics["events"], partition, value, timestamp_ms)
         else:
             self.ledger.recommendation(value)
 
@@ -306,9 +306,12 @@ async def soak(run: Run, broker: EmbeddedBroker, repo: Path, rates: dict[str, fl
         await asyncio.gather(*list(run.pending), return_exceptions=True)
         run.note("producers done", sent=dict(run.seq), failed=dict(run.ledger.send_failed))
         await fault_task
-        deadline = time.monotonic() + args.drain_s
+        deadline, told = time.monotonic() + args.drain_s, time.monotonic()
         while run.ledger.unaccounted() and time.monotonic() < deadline:
             await asyncio.sleep(1)
+            if time.monotonic() - told > 30:
+                told = time.monotonic()
+                run.note("draining", unaccounted=run.ledger.unaccounted(), load_average=os.getloadavg()[0])
         await asyncio.sleep(5)  # late duplicates, if any, still get compared
         run.note("drained", unaccounted=run.ledger.unaccounted())
     finally:
@@ -375,6 +378,7 @@ def main() -> int:
         asyncio.run(ensure_topics(settings))
         run = Run(settings, inputs, work, "soak")
         asyncio.run(soak(run, broker, repo, rates, args, samples))
+    run.ledger.save_event_evidence(work / "events-evidence.npz")
     report = summary(run, samples, inputs.expected_reasons())
     report.update({"benchmark": "soak", "command": " ".join([Path(sys.executable).name, *sys.argv]),
                    "args": vars(args), "capacity_per_s": capacity, "rates_per_s": rates, "code": code_state(),

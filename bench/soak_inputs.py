@@ -55,7 +55,7 @@ class Inputs:
                 ("frame: raw size mismatch", "size_mismatch",
                  lambda s: self._frame(s, value=b"\x00" * 100, set_={"encoding": b"raw", "pixel_format": b"rgb24"})),
                 ("frame: unknown encoding", "unknown_encoding", lambda s: self._frame(s, set_={"encoding": b"gif"})),
-                ("frame: huge dimensions", "bad_dimensions",
+                ("frame: huge dimensions", "image_too_large",
                  lambda s: self._frame(s, set_={"width": b"100000000", "height": b"100000000"})),
             ],
             "posts": [
@@ -72,7 +72,8 @@ class Inputs:
             "events": [
                 ("event: bad JSON", "malformed_json", lambda s: (b"u0001", b"{nope", None)),
                 ("event: unknown kind", "unknown_event_kind", lambda s: self._event(s, kind="teleport")),
-                ("event: user_id is a number", "wrong_schema", lambda s: self._event(s, user_id=17)),
+                ("event: user_id is a list", "wrong_schema", lambda s: self._event(s, user_id=["u0001"])),
+                ("event: kind is a number", "unknown_event_kind", lambda s: self._event(s, kind=3)),
                 ("event: no item_id", "wrong_schema", lambda s: self._event(s, item_id=None)),
                 ("event: ts far in the future", "timestamp_in_future",
                  lambda s: self._event(s, ts=(datetime.now(UTC) + timedelta(days=365)).isoformat())),

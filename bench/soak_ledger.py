@@ -90,7 +90,7 @@ class Ledger:
         # events: good events' offsets per user; every snapshot as (user, last_offset, n_events); last per user
         self.users: dict[str, int] = {}
         self.event_offsets: dict[int, array] = defaultdict(lambda: array("q"))
-        self.snapshots = (array("i"), array("q"), array("i"))
+        self.snapshots = (array("i"), array("i"), array("q"), array("i"), array("q"))  # user, partition, last_offset, n, ts
         self.last_snapshot: dict[int, tuple[int, int]] = {}  # user -> (last_offset, n_events), in topic order
         self.most_applied: dict[int, int] = {}
         self.good_events_sent = 0
@@ -144,11 +144,15 @@ class Ledger:
         if col.variant[src["offset"]] != NO_INPUT and v["id"] != expected_id(kind, int(col.seq[src["offset"]])):
             self.wrong_ids.append({"source": src, "id": v["id"]})
 
-    def snapshot(self, state: dict, at_ms: int) -> None:
-        """A user-state record: the user's state after its `n_events`-th event, at offset `last_offset`."""
+    def snapshot(self, events_topic: str, partition: int, state: dict, at_ms: int) -> None:
+        """A user-state record (on the partition number of the user's events partition): the user's state
+        after its `n_events`-th event, the last applied at offset `last_offset`."""
         user, last_offset, n = self.user(state["user_id"]), int(state["last_offset"]), int(state["n_events"])
-        for column, value in zip(self.snapshots, (user, last_offset, n), strict=True):
+        for column, value in zip(self.snapshots, (user, partition, last_offset, n, at_ms), strict=True):
             column.append(value)
+        col = self.columns[(events_topic, partition)]
+        col.reach(last_offset)
+        col.results[last_offset] = min(int(col.results[last_offset]) + 1, 65535)
         previous = self.last_snapshot.get(user)
         if previous is not None and last_offset <= previous[0]:
             self.state_rewrites += 1  # applied again after a crash lost the snapshot in flight, or a stale copy
@@ -159,6 +163,15 @@ class Ledger:
             self.events_applied += more
             self.answered["events"] += more
             self.done_per_minute[("events", self.minute(at_ms))] += more
+
+    def save_event_evidence(self, path) -> None:
+        """Every snapshot and every good event's offset, for a post-mortem of a state that lost events."""
+        names = np.array(sorted(self.users, key=self.users.get))
+        users = np.concatenate([np.full(len(a), u, np.int32) for u, a in self.event_offsets.items()] or [np.zeros(0, np.int32)])
+        offsets = np.concatenate([np.frombuffer(a, np.int64) for a in self.event_offsets.values()] or [np.zeros(0, np.int64)])
+        user, partition, last, n, ts = (np.frombuffer(a, a.typecode == "q" and np.int64 or np.int32) for a in self.snapshots)
+        np.savez_compressed(path, user_names=names, event_user=users, event_offset=offsets, snapshot_user=user,
+                            snapshot_partition=partition, snapshot_last_offset=last, snapshot_n_events=n, snapshot_ts_ms=ts)
 
     def dead_letter(self, d: dict) -> None:
         src = d.get("source") or {}
@@ -204,7 +217,7 @@ class Ledger:
         """Every snapshot against the good events sent to its user up to its offset; each user's last
         snapshot against all of them."""
         offsets = {u: np.sort(np.frombuffer(a, np.int64)) for u, a in self.event_offsets.items()}
-        users, last, n = (np.frombuffer(a, t) for a, t in zip(self.snapshots, (np.int32, np.int64, np.int32), strict=True))
+        users, _, last, n, _ = (np.frombuffer(a, np.int64 if a.typecode == "q" else np.int32) for a in self.snapshots)
         wrong, examples = 0, []
         names = {i: u for u, i in self.users.items()}
         for i in range(len(users)):
@@ -214,17 +227,20 @@ class Ledger:
                 if len(examples) < 20:
                     examples.append({"user": names[int(users[i])], "last_offset": int(last[i]), "n_events": int(n[i]),
                                      "good_events_sent_up_to_it": expected})
-        missing, extra, short_users = 0, 0, []
+        missing, never, extra, short_users = 0, 0, 0, []
         for u, sent in offsets.items():
-            held = self.last_snapshot.get(u, (-1, 0))[1]
+            held = self.last_snapshot.get(u, (-1, 0))[1]  # what a recovery reads: the last snapshot in topic order
             missing += max(0, len(sent) - held)
+            never += max(0, len(sent) - self.most_applied.get(u, 0))  # in no snapshot at all
             extra += max(0, held - len(sent))
             if held < len(sent) and len(short_users) < 20:
                 short_users.append({"user": names[u], "good_events_sent": len(sent), "last_snapshot_n_events": held,
-                                    "first_missing_offset": int(sent[held]) if held < len(sent) else None})
+                                    "most_n_events_in_any_snapshot": self.most_applied.get(u, 0),
+                                    "first_missing_offset": int(sent[held])})
         return {"snapshots": len(users), "snapshots_with_wrong_count": wrong, "wrong_count_examples": examples,
                 "state_rewrites": self.state_rewrites, "good_events_missing_from_final_state": missing,
-                "events_applied_twice_in_final_state": extra, "users_short": short_users}
+                "good_events_in_no_snapshot": never, "events_applied_twice_in_final_state": extra,
+                "users_short": short_users}
 
     def books(self) -> dict[str, Any]:
         """Per kind: inputs, poison, results, dead letters, lost (with the first lost offsets), orphans."""
