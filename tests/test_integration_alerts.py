@@ -123,3 +123,37 @@ def test_after_a_kill_minus_9_every_alert_is_there_exactly_once(settings, start_
 
     assert published(alerts) == expected  # none lost, none twice, none invented
     assert len({r["value"]["id"] for r in alerts}) == len(alerts)
+
+
+def test_a_rebalance_mid_stream_keeps_every_alert_exactly_once(settings, start_worker, run, tmp_path, pictures):
+    rocket, coffee = pictures
+    # few records in flight: a revoked partition's records are finished before the rebalance completes
+    settings = alert_settings(settings, tmp_path).replace(max_in_flight=64)
+    block = ([rocket] * 12 + [coffee] * 12) * 5  # 5 episodes per stream and round
+    sent = 0
+
+    def send_round() -> None:
+        nonlocal sent
+        run(send_records(settings, FRAMES, [(key, value, FrameMeta(s, sent + i, i / 5, "jpeg", 320, 213).headers())
+                                            for s in ("cam-a", "cam-b", "cam-x")
+                                            for i, (key, value, _) in enumerate(frames(s, block))]))
+        sent += len(block)
+
+    send_round()
+    start_worker(settings)
+    collect(settings, ALERTS, lambda rs: len(rs) >= 6, timeout_s=120)
+    start_worker(settings)  # joins the group: the partitions of frames and verdicts are shared out again
+    # keep frames coming until the second worker judges some, so the rebalance lands mid-stream
+    for _ in range(30):
+        send_round()
+        if len({r["value"]["worker"] for r in collect(settings, VERDICTS, lambda rs: len({r["value"]["worker"] for r in rs}) >= 2,
+                                                      timeout_s=3)}) >= 2:
+            break
+    verdicts = collect(settings, VERDICTS, lambda rs: len(ids(rs)) >= 3 * sent, timeout_s=240)
+    assert len({r["value"]["worker"] for r in verdicts}) == 2, "the rebalance must land mid-stream"
+    expected = expected_alerts(verdicts)
+    collect(settings, ALERTS, lambda rs: len(rs) >= sum(map(len, expected.values())), timeout_s=120)
+    alerts = collect(settings, ALERTS, lambda rs: False, timeout_s=3)
+
+    assert published(alerts) == expected
+    assert len({r["value"]["id"] for r in alerts}) == len(alerts)
