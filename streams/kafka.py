@@ -14,7 +14,7 @@ from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
 
 from streams.config import Settings
-from streams.schemas import ALERT_STATE, ALL_TOPICS, USER_STATE
+from streams.schemas import ALL_TOPICS, CHANGELOG_TOPICS
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ async def ensure_named_topics(settings: Settings, topics: list[str]) -> list[str
         wanted = list(dict.fromkeys(t for t in topics if t not in existing))
         if not wanted:
             return []
-        compacted = {settings.topic(USER_STATE), settings.topic(ALERT_STATE)}  # changelogs: the last state per key counts
+        compacted = {settings.topic(name) for name in CHANGELOG_TOPICS}
         new = [NewTopic(name, num_partitions=settings.partitions, replication_factor=settings.replication_factor,
                         topic_configs={"max.message.bytes": str(settings.max_message_bytes + _REQUEST_HEADROOM),
                                        **({"cleanup.policy": "compact"} if name in compacted else {})})

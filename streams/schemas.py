@@ -29,6 +29,7 @@ ALERTS = "alerts"  # stream-level alert episodes (start/end) from frame verdicts
 ALERT_STATE = "alert-state"  # internal: per-stream alert state snapshots, the alert agent's changelog
 ALL_TOPICS = (FRAMES, POSTS, EVENTS, VERDICTS, RECOMMENDATIONS, DEAD_LETTERS, RECOMMENDATION_REQUESTS, USER_STATE,
               SHADOW_VERDICTS, ALERTS, ALERT_STATE)
+CHANGELOG_TOPICS = (USER_STATE, ALERT_STATE)  # compacted, kept forever: the last snapshot per key is the state
 
 FRAME_SCHEMA = "inferstream.frame.v1"
 POST_SCHEMA = "inferstream.post.v1"

@@ -45,7 +45,7 @@ from dockerfile_parse import DockerfileParser
 from grafana_dashboard import all_panels, metric_names, panel_queries, static_form, template_variables
 
 from streams.config import Settings
-from streams.schemas import ALERT_STATE, ALL_TOPICS, USER_STATE
+from streams.schemas import ALL_TOPICS, CHANGELOG_TOPICS
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "docker-compose.yml"
@@ -547,7 +547,7 @@ def test_topic_script_creates_the_topics_the_workers_expect(services, worker_set
     creates = [c for c in calls if c[0] == "kafka-topics.sh" and "--create" in c]
     named = worker_settings.replace(topic_prefix=env.get("TOPIC_PREFIX", ""))
     expected = sorted(named.topic(t) for t in ALL_TOPICS)
-    changelogs = {named.topic(USER_STATE), named.topic(ALERT_STATE)}  # the recommender's and the alert agent's
+    changelogs = {named.topic(name) for name in CHANGELOG_TOPICS}  # the recommender's and the alert agent's
     assert sorted(_flag_values(c, "--topic")[0] for c in creates) == expected
     assert worker_settings.topic_prefix == env.get("TOPIC_PREFIX", ""), "topic prefix differs from the workers'"
     for call in creates:
