@@ -88,7 +88,7 @@ class Assignment:
                           {**self.arms, **{check: "shadow" for check in self.shadows}})
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class RecordInput:
     """One record to moderate: its key (the record id: which versions serve it) and its parts."""
 
@@ -97,7 +97,7 @@ class RecordInput:
     image: tuple[Any, str, int | None, int | None] | None = None  # (data, encoding, declared width, height)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Judgement:
     """The policy's judgement of one record by one set of versions: the verdict's judgement fields
     (safe, violations, scores, entities, detections, classifications), the models of the checks that
@@ -112,7 +112,7 @@ class Judgement:
         return self.fields["safe"]
 
 
-@dataclass
+@dataclass(slots=True)
 class Moderated:
     """One record's outcome: its live judgement and, when it ran shadow versions that all succeeded,
     the shadow one (`shadow_checks` the checks they served); or `failure` and the `stage` it failed in
@@ -334,9 +334,14 @@ class Moderator:
                 applied.append((check, stage.model.config.task, results[stage.ref]))
         return verdict_fields(applied)
 
-    def _judged(self, results: dict[str, Any], assignment: Assignment, text: str | None) -> Judgement:
+    def _judged(self, results: dict[str, Any], assignment: Assignment, text: str | None,
+                models_seen: dict[tuple, dict[str, dict[str, str]]]) -> Judgement:
         fields = self.judgement(results, assignment)
-        models = {check: info for check, info in assignment.models().items() if assignment.stages[check].ref in results}
+        key = (id(assignment), *results)  # records of a batch mostly share both: one models dict for them
+        models = models_seen.get(key)
+        if models is None:
+            models = models_seen[key] = {check: info for check, info in assignment.models().items()
+                                         if assignment.stages[check].ref in results}
         return Judgement(fields, models, self.policy.redacted(text, fields["entities"]))
 
     # ------------------------------------------------------------------------------ a batch of records
@@ -349,7 +354,8 @@ class Moderator:
         be decoded, None for full size); without `shadows` no shadow version runs (nowhere to report it).
         Never raises for one record: its exception is its `failure`."""
         assignments = self.assign_many([r.key for r in records], shadows=shadows)
-        outcomes = [Moderated(refs=tuple(s.ref for s in a.stages.values())) for a in assignments]
+        refs = {id(a): tuple(s.ref for s in a.stages.values()) for a in {id(a): a for a in assignments}.values()}
+        outcomes = [Moderated(refs=refs[id(a)]) for a in assignments]
         lease = self.lease(assignments)  # none of the versions assigned retires under the batch
         try:
             items = await self._prepare_in_threads(records, assignments, outcomes, pool, threads, limits or ImageLimits(),
@@ -358,6 +364,8 @@ class Moderator:
             started = time.perf_counter()
             judged = await self.judge_many([items[i] for i in live], [assignments[i] for i in live], lane)
             elapsed = time.perf_counter() - started
+            models_seen: dict[tuple, dict[str, dict[str, str]]] = {}
+            shadowed: dict[int, Assignment] = {}  # held for the batch: ids stay unique while cached by them
             for i, results in zip(live, judged, strict=True):
                 outcome, assignment = outcomes[i], assignments[i]
                 outcome.inference_s = elapsed
@@ -366,9 +374,11 @@ class Moderator:
                     continue
                 outcome.stage = "verdict"
                 try:
-                    outcome.live = self._judged(results, assignment, records[i].text)
+                    outcome.live = self._judged(results, assignment, records[i].text, models_seen)
                     if assignment.shadows and all(s.ref in results for s in assignment.shadows.values()):
-                        outcome.shadow = self._judged(results, assignment.shadowed(), records[i].text)
+                        if id(assignment) not in shadowed:
+                            shadowed[id(assignment)] = assignment.shadowed()
+                        outcome.shadow = self._judged(results, shadowed[id(assignment)], records[i].text, models_seen)
                         outcome.shadow_checks = tuple(sorted(assignment.shadows))
                 except Exception as exc:  # e.g. a rule naming a label the model lacks: this record's dead letter
                     outcome.failure = exc

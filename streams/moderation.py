@@ -230,7 +230,8 @@ class ModerationPipeline:
             "schema": VERDICT_SCHEMA,
             "id": record_id,
             **record.fields,
-            **self._judgement_fields(judgement),
+            **judgement.fields,
+            "models": judgement.models,
             "latency_ms": {
                 "end_to_end": (produced - source.timestamp_ms) if source.timestamp_ms else None,
                 "inference": round(outcome.inference_s * 1000, 3),
@@ -241,6 +242,8 @@ class ModerationPipeline:
             **batch_fields,
             **self.extra,
         }
+        if judgement.redacted_text is not None:
+            verdict["redacted_text"] = judgement.redacted_text
         if shadow:  # a shadow verdict: recorded, never acted on, never on the verdicts topic
             verdict["shadow"] = {"checks": list(outcome.shadow_checks), "live_safe": outcome.live.safe,
                                  "live_models": outcome.live.models}
