@@ -10,7 +10,7 @@ import pytest
 import yaml
 from tiny_models import SIZE, tiny_logits, write_tiny_repository
 
-from operators.model_repository import ModelConfigError, ModelRepository
+from operators.model_repository import ModelConfigError, ModelRef, ModelRepository, version_key
 
 
 def _edit_config(directory: Path, **changes) -> None:
@@ -167,3 +167,54 @@ def test_candidate_versions_are_served_only_by_explicit_reference_until_promoted
     assert repo.config("m@2").version == "2"
     repo.promote("m", "2")
     assert repo.config("m").version == "2"
+
+
+# ------------------------------------------------------------------------------- refs and versions
+def test_a_model_ref_parses_and_builds_name_at_version_and_reads_as_that_text():
+    ref = ModelRef.of("tiny", "2")
+    assert ref == "tiny@2" and (ref.name, ref.version) == ("tiny", "2")
+    assert ModelRef("tiny").version is None and ModelRef.of("tiny") == "tiny"
+    assert {"tiny@2": 1}[ref] == 1 and json.loads(json.dumps({"ref": ref})) == {"ref": "tiny@2"}
+    assert yaml.safe_load(yaml.safe_dump({"ref": ref})) == {"ref": "tiny@2"}
+
+
+def test_one_version_order_numbers_first_then_names():
+    assert sorted(["b", "10", "2", "a", "1"], key=version_key) == ["1", "2", "10", "a", "b"]
+
+
+def test_the_candidate_flag_is_set_and_dropped_keeping_the_rest_of_the_config(repo_root):
+    path = repo_root / "tiny" / "2" / "config.yaml"
+    path.write_text("# hand-written comment\n" + path.read_text())
+    repo = ModelRepository(repo_root)
+    repo.set_candidate("tiny", "10", True)
+    assert repo.is_candidate("tiny", "10") and repo.serving_version("tiny") == "2"
+    repo.set_candidate("tiny", "2", True)
+    repo.set_candidate("tiny", "2", True)  # idempotent
+    assert path.read_text().count("candidate: true") == 1 and path.read_text().startswith("# hand-written comment")
+    repo.promote("tiny", "2")
+    assert not repo.is_candidate("tiny", "2") and path.read_text().startswith("# hand-written comment")
+    with pytest.raises(ModelConfigError, match="no version '7'"):
+        repo.set_candidate("tiny", "7", True)
+
+
+def test_a_new_version_takes_the_next_free_number_and_its_config_comes_last(repo_root, tmp_path):
+    (repo_root / "tiny" / "11").mkdir()  # a number taken by a directory without config
+    repo = ModelRepository(repo_root)
+    assert repo.next_version("tiny") == "12"
+    staging = repo_root / "tiny" / ".staging"
+    staging.mkdir()
+    (staging / "model.onnx").write_bytes((repo_root / "tiny" / "1" / "model.onnx").read_bytes())
+    (staging / "labels.json").write_text((repo_root / "tiny" / "1" / "labels.json").read_text())
+    seen = []
+
+    def notes(ref):
+        seen.append((ref, (repo_root / "tiny" / ref.version / "config.yaml").exists()))
+        return {"report.json": json.dumps({"target": ref})}
+
+    config = (repo_root / "tiny" / "1" / "config.yaml").read_text()
+    ref = repo.add_version("tiny", staging, config, notes, candidate=True)
+    assert ref == "tiny@12" and seen == [("tiny@12", False)]  # notes written before the config exists
+    assert json.loads((repo_root / "tiny" / "12" / "report.json").read_text()) == {"target": "tiny@12"}
+    assert repo.is_candidate("tiny", "12") and repo.serving_version("tiny") == "10"
+    assert repo.load("tiny@12").labels == repo.load("tiny@1").labels
+    assert not staging.exists()

@@ -31,6 +31,7 @@ def test_policy_loads_checks_from_yaml(tmp_path):
     ({"checks": {"x": {"model": "m", "input": "text", "treshold": 0.5}}}, "unknown keys"),
     ({"checks": {"x": {"model": "m", "input": "text", "above": 7}}}, "above"),
     ({"checks": {"x": "toxicity"}}, "mapping"),
+    ({"checks": {"x": {"model": "m", "input": "text", "required": False}}}, "'required' is not supported"),
 ])
 def test_invalid_policies_are_refused_with_the_reason(raw, problem):
     with pytest.raises(PolicyError, match=problem):
@@ -86,3 +87,32 @@ def test_verdict_fields_merge_checks_and_safe_means_no_violation():
     flagged = verdict_fields([(tox, "text-classify", {"toxic": 0.1, "clean": 0.9}), (pii, "ner", [entity])])
     assert flagged["safe"] is False and [v["check"] for v in flagged["violations"]] == ["pii"]
     assert flagged["entities"] == [entity]
+
+
+def test_rules_read_typed_results_as_their_verdict_form():
+    """The rule sees what the verdict will carry: a typed result and its as_dict() judge alike."""
+    import numpy as np
+
+    from operators.classify import Classification
+    from operators.detect import Detections
+    from operators.ner import Entities, Entity
+    from operators.text import TextClassification
+
+    dets = Detections(np.array([[0, 0, 1, 1], [2, 2, 3, 3]], np.float32), np.array([0.9, 0.4], np.float32),
+                      np.array([0, 0]), ["A", "A"])
+    scores = TextClassification(("clean", "toxic"), (0.2, 0.8))
+    classes = Classification([2, 1], ["rifle", "cat"], [0.6, 0.3])
+    entities = Entities((Entity("EMAIL", "a@b.c", 0, 5, 0.9), Entity("PHONE", "555", 9, 12, 0.2)))
+    cases = [(check(input="image", labels=frozenset({"A"})), "detect", dets),
+             (check(label="toxic", above=0.7), "text-classify", scores),
+             (check(input="image", labels=frozenset({"rifle"}), top_k=1), "classify", classes),
+             (check(types=frozenset({"EMAIL", "PHONE"})), "ner", entities)]
+    for c, task, typed in cases:
+        assert c.evaluate(task, typed) == c.evaluate(task, typed.as_dict())
+        assert c.evaluate(task, typed)[0], task  # each case is a violation: the comparison is not vacuous
+    assert verdict_fields([(c, t, r) for c, t, r in cases]) == verdict_fields([(c, t, r.as_dict()) for c, t, r in cases])
+
+
+def test_a_task_without_a_rule_cannot_be_judged():
+    with pytest.raises(PolicyError, match="no rule for task 'embed'"):
+        check().evaluate("embed", {})
