@@ -241,12 +241,15 @@ def schedule(args: argparse.Namespace) -> list[tuple[float, str]]:
     none in the last minute, so the end of the run is the drain, not a fault."""
     end = args.minutes * 60 - 60
     kills = [t for t in range(int(args.kill_every_min * 30), int(end), int(args.kill_every_min * 60))]
-    pauses = [t for t in range(int(args.pause_every_min * 60 * 0.6), int(end), int(args.pause_every_min * 60))]
+    first_pause = min(args.pause_every_min * 0.6, args.minutes * 0.4) * 60
+    pauses = [t for t in range(int(first_pause), int(end), int(args.pause_every_min * 60))]
     half = args.minutes * 30
     # the swap lies between two kills: a redelivery after a kill must not straddle it (its rewrite would
     # name the other version)
     gaps = [(a + b) / 2 for a, b in zip([0, *kills], [*kills, end], strict=True)]
-    swap = min(gaps, key=lambda g: abs(g - half))
+    # ... and away from a broker pause (the faults run one after the other)
+    calm = [g for g in gaps if all(abs(g - p) > 60 for p in pauses)] or gaps
+    swap = min(calm, key=lambda g: abs(g - half))
     faults = [(float(t), "kill") for t in kills] + [(float(t), "pause") for t in pauses] + [(swap, "swap")]
     return sorted(faults)
 
@@ -306,12 +309,15 @@ async def soak(run: Run, broker: EmbeddedBroker, repo: Path, rates: dict[str, fl
         await asyncio.gather(*list(run.pending), return_exceptions=True)
         run.note("producers done", sent=dict(run.seq), failed=dict(run.ledger.send_failed))
         await fault_task
-        deadline, told = time.monotonic() + args.drain_s, time.monotonic()
-        while run.ledger.unaccounted() and time.monotonic() < deadline:
+        # until every input is accounted for, `--drain-s` passes, or nothing moved for `--settle-s`
+        deadline, told, last = time.monotonic() + args.drain_s, time.monotonic(), (run.ledger.unaccounted(), time.monotonic())
+        while (left := run.ledger.unaccounted()) and time.monotonic() < deadline and time.monotonic() - last[1] < args.settle_s:
             await asyncio.sleep(1)
+            if left != last[0]:
+                last = (left, time.monotonic())
             if time.monotonic() - told > 30:
                 told = time.monotonic()
-                run.note("draining", unaccounted=run.ledger.unaccounted(), load_average=os.getloadavg()[0])
+                run.note("draining", unaccounted=left, load_average=os.getloadavg()[0])
         await asyncio.sleep(5)  # late duplicates, if any, still get compared
         run.note("drained", unaccounted=run.ledger.unaccounted())
     finally:
@@ -345,6 +351,7 @@ def main() -> int:
     parser.add_argument("--pause-s", type=float, default=20)
     parser.add_argument("--poison-every", type=int, default=1000)
     parser.add_argument("--drain-s", type=float, default=600)
+    parser.add_argument("--settle-s", type=float, default=120, help="end the drain when nothing moved for this long")
     parser.add_argument("--frame-size", default="320x240")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "soak.json"))
     parser.add_argument("--png", default=str(ROOT / "docs" / "soak.png"))
