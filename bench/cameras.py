@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -425,6 +426,34 @@ def capacity(clip: Path, counts: list[int], seconds: float, workdir: Path) -> di
             "steps": steps}
 
 
+def gil_share(clip: Path, n: int, workdir: Path, seconds: float = 12.0, rate_hz: int = 100) -> dict:
+    """How often one of the ingester's threads holds the GIL with `n` cameras (py-spy `--gil` keeps only
+    samples where a thread holds it: their count over all samples taken). Not in the capacity steps:
+    sampling 20+ threads costs CPU of its own."""
+    spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    if spy is None:
+        return {"skipped": "py-spy is not installed (pip install py-spy)"}
+    with Rig(clip, n, workdir) as rig:
+        ingester = Ingester(rig.settings, rig.cameras(), CAMERA, workdir)
+        try:
+            wait_until(lambda: all_published(ingester, n, 5), 30, 0.5)
+            time.sleep(SETTLE_S)  # as in the capacity steps
+            meter = CpuMeter({"ingester": ingester.pid})
+            meter.start()
+            raw = workdir / "py-spy-gil.txt"
+            done = subprocess.run([spy, "record", "--gil", "--nonblocking", "--format", "raw", "-r", str(rate_hz),
+                                   "-d", str(int(seconds)), "-o", str(raw), "--pid", str(ingester.pid)],
+                                  capture_output=True, text=True)
+            cpu = meter.stop()
+        finally:
+            ingester.stop()
+    if done.returncode or not raw.exists():
+        return {"skipped": f"py-spy failed: {done.stderr.strip()[-300:]}"}
+    held = sum(int(line.rsplit(" ", 1)[1]) for line in raw.read_text().splitlines() if line.strip())
+    return {"cameras": n, "seconds": seconds, "rate_hz": rate_hz, "gil_held_share": round(held / (rate_hz * seconds), 3),
+            "cpu_percent_of_one_core": cpu, "load_average": loadavg()}
+
+
 # ------------------------------------------------------------------------------------------ 2 stall
 def stall(clip: Path, n: int, stall_s: float, workdir: Path, before_s: float = 20.0, after_s: float = 40.0) -> dict:
     with Rig(clip, n, workdir) as rig:
@@ -578,9 +607,10 @@ def reconnect_trial(rig: Rig, ingester: Ingester, watcher: TopicWatcher, n: int,
 # ------------------------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="capacity,stall,reconnect")
+    parser.add_argument("--parts", default="capacity,gil,stall,reconnect")
     parser.add_argument("--counts", default="1,2,4,8,12,16,24,32,40,48,64", help="camera counts of the capacity steps")
     parser.add_argument("--seconds", type=float, default=25.0, help="measured window of each capacity step")
+    parser.add_argument("--gil-cameras", type=int, default=16)
     parser.add_argument("--stall-cameras", type=int, default=4)
     parser.add_argument("--stall-seconds", type=float, default=60.0)
     parser.add_argument("--reconnect-cameras", type=int, default=2)
@@ -603,6 +633,7 @@ def main() -> None:
                     "processor": platform.processor() or platform.machine(), "nice": os.nice(0)},
         "clip": clip_info, "camera_config": CAMERA, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
+    results.setdefault("when_each_part", {}).update(dict.fromkeys(parts, results["when"]))
     if "capacity" in parts:
         print("capacity ...", flush=True)
         results["capacity"] = capacity(Path(clip_info["path"]), [int(c) for c in args.counts.split(",")], args.seconds, workdir)
@@ -612,6 +643,10 @@ def main() -> None:
                                             "cpu_percent_of_one_core", "load_average_after")}
                       for step in results["capacity"]["steps"]]})
         print(f"  largest count keeping up: {results['capacity']['largest_count_keeping_up']}", flush=True)
+    if "gil" in parts:
+        print(f"GIL share at {args.gil_cameras} cameras ...", flush=True)
+        results["gil"] = gil_share(Path(clip_info["path"]), args.gil_cameras, workdir)
+        print(f"  {results['gil']}", flush=True)
     if "stall" in parts:
         print(f"stall ({args.stall_seconds:g} s) ...", flush=True)
         s = results["stall"] = stall(Path(clip_info["path"]), args.stall_cameras, args.stall_seconds, workdir)
