@@ -550,7 +550,8 @@ def reconnect(clip: Path, n: int, outages: list[float], trials: int, workdir: Pa
                                      **reconnect_trial(rig, ingester, watcher, n, outage)})
                         r = runs[-1]
                         print(f"  backoff {name}, outage {outage:g} s: reconnect after ready "
-                              f"{r['first_frame_after_ready_s']} s, gap {r['gap_s']} s, load {r['load_average'][0]}", flush=True)
+                              f"{r['first_frame_after_ready_s']} s, gap {r['gap_s']} s, ingester RSS {r['ingester_rss_mb']} MB, "
+                              f"{r['ingester_threads']} threads; load {r['load_average'][0]}", flush=True)
             finally:
                 ingester.stop()
                 watcher.close()
@@ -566,7 +567,11 @@ def reconnect(clip: Path, n: int, outages: list[float], trials: int, workdir: Pa
         summary[key] = {"samples": len(v["after_ready_s"]), "reconnected": len(ready),
                         "after_ready_s": {"median": round(statistics.median(ready), 2), "max": round(max(ready), 2)} if ready else None,
                         "gap_s": {"median": round(statistics.median(gaps), 2), "max": round(max(gaps), 2)} if gaps else None}
+    rss = [run["ingester_rss_mb"] for run in runs]
+    threads = [run["ingester_threads"] for run in runs]
     return {"cameras_per_trial": n, "backoffs": {"default": DEFAULT_BACKOFF, "fast": FAST_BACKOFF},
+            "ingester_rss_mb_after_each_reconnect": {"min": min(rss), "max": max(rss), "first": rss[0], "last": rss[-1]},
+            "ingester_threads_after_each_reconnect": {"min": min(threads), "max": max(threads)},
             "read_timeout_s": 10.0, "summary": summary, "trials": runs}
 
 
@@ -601,7 +606,9 @@ def reconnect_trial(rig: Rig, ingester: Ingester, watcher: TopicWatcher, n: int,
         after_ready.append(round(first_new["arrived"] - ready_at, 2) if first_new else None)
         gaps.append(round(first_new["ts"] - last_old["ts"], 2) if first_new else None)
     return {"outage_measured_s": round(ready_at - killed_at, 2), "first_frame_after_ready_s": after_ready,
-            "gap_s": gaps, "load_average": load}
+            "gap_s": gaps, "load_average": load,  # RSS and threads after each reconnect: a leak per session shows here
+            "ingester_rss_mb": round(rss_bytes(ingester.pid) / 1e6, 1),
+            "ingester_threads": len(list(Path(f"/proc/{ingester.pid}/task").iterdir()))}
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -614,8 +621,8 @@ def main() -> None:
     parser.add_argument("--stall-cameras", type=int, default=4)
     parser.add_argument("--stall-seconds", type=float, default=60.0)
     parser.add_argument("--reconnect-cameras", type=int, default=2)
-    parser.add_argument("--outages", default="3,15", help="seconds the RTSP server stays down, per trial")
-    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--outages", default="1,3,15", help="seconds the RTSP server stays down, per trial")
+    parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "inferstream-bench-cameras"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "cameras.json"))
     args = parser.parse_args()
