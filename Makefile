@@ -69,7 +69,7 @@ bench: models
 bench-adaptive: models
 	$(BIN)/python bench/adaptive.py
 
-# Live cameras: cameras per ingester at 5 fps 640x480, memory under a 60 s broker stall, reconnect times (~15 min)
+# Live cameras: cameras per ingester at 5 fps 640x480, memory under a 60 s broker stall, reconnect times (~20 min)
 bench-cameras: install rtsp-test-deps
 	$(BIN)/python bench/cameras.py
 

@@ -11,17 +11,21 @@ at 640x480 (JPEG quality 85), as `inferstream cameras` does with `fps: 5, max_si
    frame and whether the delay from the camera's clock to the broker grows; CPU of the ingester, the
    RTSP server, the broker and the rest of the machine (from /proc), and the load average. N keeps up
    when every camera publishes >= 95% of 5 fps, nothing is dropped, and no camera's delay grows by
-   more than 0.5 s over the window (a reader that falls ever further behind the camera).
+   more than 0.5 s over the window (a reader that falls ever further behind the camera). The
+   ingester's CPU is split into its main thread (event loop) and the others (readers).
+   gil: with 16 cameras, how often a thread of the ingester holds the GIL (py-spy --gil, when installed).
 2. stall: 4 cameras, the broker SIGSTOPped for 60 s then SIGCONTed; the ingester's RSS every second
    before, during and after; drops by reason; the time from SIGCONT to the first acknowledged frame,
    to the first record appended after the resume reaching a consumer, and to the first frame *read*
    after the resume reaching a consumer.
 3. reconnect: the RTSP server killed mid-stream (SIGKILL) and restarted after an outage; the time from
    the server being ready to each camera's first frame of its new session reaching a consumer, and the
-   gap a consumer sees, with the ingester's default backoff and a fast one.
+   gap a consumer sees, with the ingester's default backoff and a fast one; the ingester's RSS and
+   thread count after each reconnect.
 
-Writes bench/results/cameras.json. The machine is shared (2 cores): the load average and the CPU of
-everything else are recorded beside every figure.
+Writes bench/results/cameras.json (`--parts` runs some parts; the others keep their last figures, and
+every capacity run is kept in `capacity_runs`). The machine is shared (2 cores): the load average and
+the CPU of everything else are recorded beside every figure.
 """
 
 from __future__ import annotations
