@@ -65,7 +65,7 @@ bench: models
 	$(BIN)/python bench/models_throughput.py
 	$(BIN)/python bench/events_throughput.py
 
-# Step load (30% -> 200% -> 30% of capacity) against fixed batching, the controller, and the ladder (~12 min)
+# Step load (30% -> 200% -> 30% of capacity): the best fixed batching (swept first), the controller, the ladder (~20 min)
 bench-adaptive: models
 	$(BIN)/python bench/adaptive.py
 

@@ -4,7 +4,10 @@ EfficientNet-Lite0 alone in the policy, 640x480 JPEG frames of 8 streams. The wo
 measured first (frames already on the topic, verdicts/s); then the same step load is played against
 three configurations of the model, each with a fresh worker and topics:
 
-- fixed: `batching.adaptive: false` (max_batch_size 16, max_wait_ms 5: the shipped fixed rule);
+- fixed: `batching.adaptive: false` with the best fixed batch size and wait (--sweep, the default: each of
+  FIXED_CANDIDATES plays a short step load first; the best is the one that judges most frames/s in
+  the overload among those whose p99 at 30% meets the target, as Triton's Model Analyzer picks a
+  configuration offline; without --sweep, max_batch_size 16 and max_wait_ms 5, the shipped rule);
 - controller: `batching.adaptive: true`, `target_p99_ms` 100;
 - controller + ladder: the same plus `degrade` rungs of frame stride 2 and 4.
 
@@ -42,6 +45,8 @@ from streams.kafka import ensure_topics, producer  # noqa: E402
 from streams.schemas import FRAMES, VERDICTS, FrameMeta  # noqa: E402
 
 MODEL = ROOT / "models" / "efficientnet-lite0" / "1"
+TARGET_P99_MS = 100
+FIXED_CANDIDATES = [(size, wait) for size in (4, 8, 16, 32) for wait in (2, 10)]  # (max_batch_size, max_wait_ms)
 CONFIGS = {
     "fixed": {"batching": {"max_batch_size": 16, "max_wait_ms": 5, "adaptive": False}},
     "controller": {"batching": {"max_batch_size": 16, "max_wait_ms": 5, "adaptive": True, "target_p99_ms": 100}},
@@ -200,6 +205,27 @@ def capacity(base: Settings, broker: EmbeddedBroker, repo: Path, frames: list[by
     return (len(produced) - 1) / ((produced[-1] - produced[0]) / 1000)
 
 
+def best_fixed(base: Settings, broker: EmbeddedBroker, frames: list[bytes], size, work: Path, cap: float,
+               phase_s: float, candidates: list[tuple[int, int]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The fixed batching that a user tuning offline would pick, from a short step load per candidate:
+    most frames/s in the overload among those whose p99 at 30% of capacity meets TARGET_P99_MS (if none
+    does, the lowest p99 at 30%)."""
+    schedule = [(0.3 * cap, phase_s), (2.0 * cap, phase_s), (0.3 * cap, phase_s)]
+    rows = []
+    for max_size, wait in candidates:
+        overrides = {"batching": {"max_batch_size": max_size, "max_wait_ms": wait, "adaptive": False}}
+        name = f"fixed-b{max_size}-w{wait}"
+        report = run_config(name, base, broker, model_repo(work / "repos", name, overrides), frames, size, schedule, work)
+        row = {"max_batch_size": max_size, "max_wait_ms": wait, "low_p99_ms": report["low"]["p99_ms"],
+               "overload_frames_per_s": report["overload"]["frames_per_s"], "overrides": overrides}
+        rows.append(row)
+        print(f"sweep: {json.dumps({k: v for k, v in row.items() if k != 'overrides'})}", flush=True)
+    meeting = [r for r in rows if r["low_p99_ms"] is not None and r["low_p99_ms"] <= TARGET_P99_MS]
+    best = (max(meeting, key=lambda r: r["overload_frames_per_s"] or 0) if meeting
+            else min(rows, key=lambda r: r["low_p99_ms"] if r["low_p99_ms"] is not None else float("inf")))
+    return best, rows
+
+
 def plot(reports: list[dict], bounds: list[float], path: Path) -> None:
     import matplotlib
 
@@ -234,6 +260,11 @@ def main() -> int:
     parser.add_argument("--high-s", type=float, default=60)
     parser.add_argument("--recover-s", type=float, default=45)
     parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
+                        help="find the best fixed configuration first (about 1 min per candidate)")
+    parser.add_argument("--sweep-phase-s", type=float, default=15)
+    parser.add_argument("--candidates", default=",".join(f"{b}x{w}" for b, w in FIXED_CANDIDATES),
+                        help="fixed configurations to sweep, max_batch_size x max_wait_ms")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "adaptive.json"))
     parser.add_argument("--png", default=str(ROOT / "docs" / "adaptive.png"))
     args = parser.parse_args()
@@ -248,8 +279,15 @@ def main() -> int:
         cap = capacity(base, broker, model_repo(work / "repos", "capacity", CONFIGS["fixed"]), frames, size, work, 1500)
         print(f"capacity: {cap:.1f} frames/s", flush=True)
         schedule = [(0.3 * cap, args.low_s), (2.0 * cap, args.high_s), (0.3 * cap, args.recover_s)]
+        fixed = dict(CONFIGS["fixed"])
+        sweep: list[dict[str, Any]] = []
+        if args.sweep:
+            candidates = [tuple(map(int, c.split("x"))) for c in args.candidates.split(",") if c.strip()]
+            best, sweep = best_fixed(base, broker, frames, size, work, cap, args.sweep_phase_s, candidates)
+            fixed = best["overrides"]
+            print(f"best fixed: max_batch_size {best['max_batch_size']}, max_wait_ms {best['max_wait_ms']}", flush=True)
         for name in [c.strip() for c in args.configs.split(",") if c.strip()]:
-            overrides = dict(CONFIGS[name])
+            overrides = dict(fixed if name == "fixed" else CONFIGS[name])
             if "degrade" in overrides:
                 overrides["degrade"] = {"lag_records": int(2 * cap), "for_s": 3, "recover_below": int(0.2 * cap),
                                         "rungs": [{"frame_stride": 2}, {"frame_stride": 4}]}
@@ -260,6 +298,7 @@ def main() -> int:
     bounds = list(np.cumsum([0.0] + [s for _, s in schedule]))
     plot(reports, bounds, Path(args.png))
     result = {"benchmark": "adaptive", "capacity_frames_per_s": cap, "schedule": schedule,
+              "fixed_sweep": sweep, "fixed_chosen": fixed,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "configs": reports}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
