@@ -137,3 +137,44 @@ def test_training_labels_sit_on_first_subtokens_only(recipe, generated):
                 assert recipe.LABELS[label] == tags[word]
                 seen.add(word)
         assert seen == set(range(len(tags)))
+
+
+def test_case_mark_is_a_word_of_its_own_before_each_capitalised_word(recipe):
+    enc = recipe.model_tokenizer().encode("Anna from Köln bought McDonald's on her iPhone")
+    assert enc.tokens[1:-1] == ["§", "anna", "from", "§", "koln", "bought", "§", "mcdonald", "'", "s", "on", "her",
+                                "iphone"]
+    marks = [w for w, t in zip(enc.word_ids, enc.tokens, strict=True) if t == "§"]
+    assert len(set(marks)) == len(marks) == 3
+
+
+def test_case_mark_sits_on_the_capital_and_leaves_word_spans_unchanged(recipe):
+    text = "Écrivez à Lucía Pérez, DE89 3704 o'Brien"
+    marked, plain = recipe.model_tokenizer().encode(text), recipe.load_tokenizer().encode(text)
+    marks = [text[s:e] for (s, e), t in zip(marked.offsets, marked.tokens, strict=True) if t == "§"]
+    assert marks == ["É", "L", "P", "D"]
+    expected = []
+    for s, e in recipe.word_spans(plain):
+        if text[s].isupper() and (s == 0 or not (text[s - 1].isalnum() or text[s - 1] == "'")):
+            expected.append((s, s + 1))
+        expected.append((s, e))
+    assert recipe.word_spans(marked) == expected
+
+
+def test_case_mark_takes_the_tag_of_its_word(recipe):
+    text = "ask Priya Raman"
+    enc = recipe.model_tokenizer().encode(text)
+    tags = recipe.bio_tags(recipe.word_spans(enc), [{"type": "PERSON", "start": 4, "end": 15}])
+    assert tags == ["O", "B-PERSON", "I-PERSON", "I-PERSON", "I-PERSON"]
+
+
+def test_generated_posts_hold_hard_negatives_without_entities(recipe, generated):
+    """App, card-network, product and place words appear in posts and are never inside an entity
+    (a bank that is also a payment app, such as Revolut, is an ORG when it acts: it is left out here)."""
+    negatives = {w.lower() for w in [*recipe.APPS, *recipe.CARD_NETWORKS, *recipe.PRODUCTS,
+                                     *recipe.PLACE_NOUNS["en"]]} - {w.lower() for w in recipe.ORGS_GLOBAL}
+    seen = 0
+    for post in generated:
+        for ent in post["entities"]:
+            assert post["text"][ent["start"]:ent["end"]].lower() not in negatives, post
+        seen += any(w in post["text"].lower() for w in ("whatsapp", "venmo", "station", "lake", "visa"))
+    assert seen >= 5

