@@ -543,6 +543,7 @@ def stall(clip: Path, n: int, stall_s: float, workdir: Path, before_s: float = 2
 # -------------------------------------------------------------------------------------- 3 reconnect
 def reconnect(clip: Path, n: int, outages: list[float], trials: int, workdir: Path) -> dict:
     runs = []
+    opening = session_open_times(clip, workdir)
     for name, backoff in (("default", DEFAULT_BACKOFF), ("fast", FAST_BACKOFF)):
         with Rig(clip, n, workdir) as rig:
             watcher = TopicWatcher(rig.settings)
@@ -576,7 +577,25 @@ def reconnect(clip: Path, n: int, outages: list[float], trials: int, workdir: Pa
     return {"cameras_per_trial": n, "backoffs": {"default": DEFAULT_BACKOFF, "fast": FAST_BACKOFF},
             "ingester_rss_mb_after_each_reconnect": {"min": min(rss), "max": max(rss), "first": rss[0], "last": rss[-1]},
             "ingester_threads_after_each_reconnect": {"min": min(threads), "max": max(threads)},
-            "read_timeout_s": 10.0, "summary": summary, "trials": runs}
+            "read_timeout_s": 10.0, "session_open": opening, "summary": summary, "trials": runs}
+
+
+def session_open_times(clip: Path, workdir: Path, tries: int = 4) -> list[dict]:
+    """What a reconnect costs besides the backoff: opening an RTSP session (handshake and FFmpeg's
+    probe) and its first sampled frame, with the ingester's source options."""
+    from operators.video import open_source, read_frames
+    from streams.cameras import CameraConfig
+
+    options = CameraConfig(id="probe", url="-", **CAMERA).source_options()
+    times = []
+    with RtspServer(free_port(), {"/cam": clip}, workdir / "rtsp-open.log") as server:
+        for _ in range(tries):
+            started = time.monotonic()
+            with open_source(server.url("/cam"), options) as container:
+                opened = time.monotonic() - started
+                next(read_frames(container, fps=SAMPLE_FPS, max_side=CAMERA["max_side"]))
+                times.append({"open_s": round(opened, 3), "first_frame_s": round(time.monotonic() - started, 3)})
+    return times
 
 
 def reconnect_trial(rig: Rig, ingester: Ingester, watcher: TopicWatcher, n: int, outage_s: float) -> dict:
