@@ -401,3 +401,48 @@ def test_output_concats_of_a_detection_head_are_kept_in_float():
                                            for n in ("a", "b", "scores")],
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 6])])
     assert output_concats(helper.make_model(graph)) == ["head"]  # only the one that yields an output
+
+
+# -------------------------------------------------------------------------------- task evaluations
+def test_a_ner_model_is_judged_on_hand_written_texts_through_its_own_tagger(tmp_path):
+    """The NER entry's evaluation: built-in texts (no file of tests/ read), the FP32 tagger's entities as
+    the reference; the same session against itself drops nothing, another one's entities count."""
+    from test_ner import BIO, BIO_TABLE, _table
+    from tiny_text_models import tiny_token_classifier, write_text_model
+
+    from operators import tasks
+    from operators.evaluation import NER_TEXTS, with_session
+
+    write_text_model(tmp_path, "tiny-ner", "ner", lambda p: tiny_token_classifier(p, _table(BIO, BIO_TABLE)),
+                     BIO, {"max_length": 64}, {"scheme": "BIO"})
+    model = ModelRepository(tmp_path).load("tiny-ner", providers=("cpu",), intra_op_threads=1)
+    evaluation = tasks.get("ner").evaluation_for(model)
+    held = evaluation.held_out(None, None, batch=8)
+    assert held.count == len(NER_TEXTS) and held.source == f"{len(NER_TEXTS)} hand-written texts"
+    assert set(held.feeds) == {s.name for s in model.session.inputs}
+    same = evaluation.accuracy(model, held, 8)
+    assert same["metric"] == "entity_f1_vs_fp32" and same["drop"] == 0.0 and same["reference_entities"] > 0
+
+    class NoEntities:  # a candidate whose tagger finds nothing: every reference entity is missed
+        inputs, outputs = model.session.inputs, model.session.outputs
+
+        def run(self, feeds, names=None):
+            out = model.session.run(feeds, names)
+            return {k: np.where(np.arange(v.shape[-1]) == 0, 10.0, -10.0).astype(v.dtype) * np.ones_like(v)
+                    for k, v in out.items()}
+
+    missed = evaluation.accuracy(with_session(model, NoEntities()), held, 8)
+    assert missed["candidate_entities"] == 0 and missed["recall"] == 0.0 and missed["drop"] == 1.0
+
+
+def test_a_detector_is_judged_on_held_out_photos_it_never_calibrated_on():
+    from operators import tasks
+
+    model = ModelRepository(Path(__file__).resolve().parent.parent / "models").load("nudenet-320n", providers=("cpu",),
+                                                                                      intra_op_threads=1)
+    evaluation = tasks.get("detect").evaluation_for(model)
+    calibration, held = evaluation.calibration(None, 3), evaluation.held_out(None, 4, batch=4)
+    assert calibration.feeds[model.session.inputs[0].name].shape == (3, 3, 320, 320)
+    assert held.count == 4 and len(held.inputs) == 4 and held.feeds[model.session.inputs[0].name].shape[0] == 4
+    assert "chelsea" in held.source and "chelsea" not in calibration.source
+    assert evaluation.accuracy(model, held, 4)["drop"] == 0.0  # FP32 against itself
