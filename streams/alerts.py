@@ -30,7 +30,7 @@ from aiokafka import TopicPartition
 from operators.alerts import AlertRule, JudgedFrame, StreamAlerts
 from streams import metrics
 from streams.config import Settings
-from streams.kafka import consumer, fetch_high_watermarks
+from streams.kafka import consumer, fetch_high_watermarks, read_to_high_watermark
 from streams.ordered import Output
 from streams.schemas import ALERT_STATE, ALERTS, SourceRecord, dumps
 
@@ -72,14 +72,14 @@ class AlertStore:
 
     async def _recover(self, partition: int) -> list[Output]:
         snapshots: dict[str, dict[str, Any]] = {}
-        async for record in _read_partition(self.settings, self.state_topic, partition):
+        async for record in read_to_high_watermark(self.settings, self.state_topic, [partition]):
             if record.value:
                 snapshot = orjson.loads(record.value)
                 snapshots[snapshot["state"]["stream_id"]] = snapshot
         self.alerts_from[partition] = await _high_watermark(self.settings, self.alerts_topic, partition)
         starts = [s["alerts_from"] for s in snapshots.values()] + [r["from"] for s in snapshots.values() for r in s["recent"]]
         if starts:  # no snapshot: nothing this partition ever alerted can be missing or sent twice
-            async for record in _read_partition(self.settings, self.alerts_topic, partition, min(starts)):
+            async for record in read_to_high_watermark(self.settings, self.alerts_topic, [partition], from_offset=min(starts)):
                 if record.value:
                     self.on_topic.add(_identity(orjson.loads(record.value)))
         resend = []
@@ -171,24 +171,5 @@ async def _high_watermark(settings: Settings, topic: str, partition: int) -> int
         tp = TopicPartition(topic, partition)
         kafka.assign([tp])
         return (await fetch_high_watermarks(kafka, [tp]))[partition]
-    finally:
-        await kafka.stop()
-
-
-async def _read_partition(settings: Settings, topic: str, partition: int, start: int | None = None):
-    """The records of one partition from `start` (None: the beginning) to its high watermark."""
-    kafka = consumer(settings, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest")
-    await kafka.start()
-    try:
-        tp = TopicPartition(topic, partition)
-        kafka.assign([tp])
-        end = (await fetch_high_watermarks(kafka, [tp]))[partition]
-        begin = (await kafka.beginning_offsets([tp]))[tp]
-        kafka.seek(tp, max(begin, start) if start is not None else begin)
-        while end and await kafka.position(tp) < end:
-            for records in (await kafka.getmany(tp, timeout_ms=500)).values():
-                for record in records:
-                    if record.offset < end:
-                        yield record
     finally:
         await kafka.stop()
