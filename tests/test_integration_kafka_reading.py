@@ -1,5 +1,6 @@
-"""streams/kafka.py's range reader against the embedded broker: what the replays, the replay report and
-user-state recovery read. The oracle is the producer's own delivery metadata (partition, offset)."""
+"""streams/kafka.py against the embedded broker: the range reader (what the replays, the replay report
+and the changelog recoveries read; the oracle is the producer's own delivery metadata), and topics
+created by name (a replay's output) with the limits of the workers' own topics."""
 
 from __future__ import annotations
 
@@ -8,8 +9,18 @@ from contextlib import aclosing
 
 import pytest
 from aiokafka import TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from streams.kafka import consumer, ensure_named_topics, producer, read_range, read_to_high_watermark
+from streams.kafka import (
+    consumer,
+    ensure_named_topics,
+    ensure_topics,
+    producer,
+    read_range,
+    read_to_high_watermark,
+)
+from streams.schemas import VERDICTS
 
 pytestmark = pytest.mark.integration
 
@@ -76,3 +87,24 @@ def test_a_range_ends_at_its_stop_offset_though_more_records_follow(settings, ru
             await kafka.stop()
 
     assert run(read_offsets_10_to_30_of_partition_0()) == [(0, o) for o in range(10, 30)]
+
+
+def test_a_topic_created_by_name_has_the_message_size_limit_of_the_workers_topics(settings, run):
+    output = settings.topic("replay-output")
+
+    async def limits() -> dict[str, str]:
+        await ensure_topics(settings, (VERDICTS,))
+        await ensure_named_topics(settings, [output])
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+        await admin.start()
+        try:
+            topics = [settings.topic(VERDICTS), output]
+            (response,) = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t) for t in topics])
+            return {name: dict((entry[0], entry[1]) for entry in entries)["max.message.bytes"]
+                    for _, _, _, name, entries in response.resources}
+        finally:
+            await admin.close()
+
+    found = run(limits())
+    assert found[output] == found[settings.topic(VERDICTS)]
+    assert int(found[output]) > settings.max_message_bytes  # room for the largest accepted value and its headers
