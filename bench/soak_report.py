@@ -29,7 +29,13 @@ def growth(samples: list[dict], load_end_s: float) -> list[dict[str, Any]]:
             continue
         rss0, rss1 = np.mean([r[2] for r in base]), np.mean([r[2] for r in last])
         fd0, fd1 = np.mean([r[3] for r in base]), np.mean([r[3] for r in last])
+        # a leak keeps climbing; a working set that steps up when a fault hands this worker more work
+        # (a takeover, a second model version) and then stays flat does not: also the second half alone
+        mid_t = (base[0][0] + last[-1][0]) / 2
+        mid = [r for r in rows if mid_t <= r[0] < mid_t + 60]
+        rss_mid = np.mean([r[2] for r in mid]) if mid else rss0
         out.append({"slot": rows[0][1], "pid": pid, "from_s": base[0][0], "to_s": last[-1][0],
+                    "rss_mb_half_way": round(rss_mid / MB, 1), "rss_growth_second_half": round(rss1 / rss_mid - 1, 4),
                     "rss_mb_after_warm_up": round(rss0 / MB, 1), "rss_mb_at_end": round(rss1 / MB, 1),
                     "rss_growth": round(rss1 / rss0 - 1, 4), "fds_after_warm_up": round(fd0, 1),
                     "fds_at_end": round(fd1, 1), "fds_growth": round(fd1 / fd0 - 1, 4)})
@@ -58,6 +64,7 @@ def summary(run, samples: list[dict], expected_reasons: dict[str, str]) -> dict[
                     "duplicates": dict(ledger.duplicates), "non_identical_rewrites": non_identical,
                     "wrong_ids": len(ledger.wrong_ids), "poison_with_unexpected_reason": sorted(unexpected),
                     "worst_rss_growth_after_warm_up": max((g["rss_growth"] for g in memory), default=None),
+                    "worst_rss_growth_second_half": max((g["rss_growth_second_half"] for g in memory), default=None),
                     "worst_fds_growth_after_warm_up": max((g["fds_growth"] for g in memory), default=None),
                     "exit_status": exit_status},
         "books": books,
