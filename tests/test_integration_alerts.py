@@ -57,11 +57,14 @@ def frames(stream: str, pictures: list[bytes]) -> list[tuple[bytes, bytes, list]
 
 
 def expected_alerts(verdicts: list[dict]) -> dict[str, list[tuple[str, int, int]]]:
-    """Per stream, the (event, first, last) the rule gives over its judged frames, from the verdicts."""
+    """Per stream, the (event, first, last) the rule gives over its judged frames, from the verdicts. A
+    frame judged again after a crash may score a little differently (another batch), so each frame counts
+    as its first verdict in its partition says, as the agent reads it (a rewrite is skipped)."""
     present: dict[str, dict[int, bool]] = {}
-    for v in (r["value"] for r in verdicts):  # a rewritten verdict says the same (same frame, same model)
+    for r in sorted(verdicts, key=lambda r: (r["partition"], r["offset"])):
+        v = r["value"]
         hit = any(x["check"] == "objects" and x["label"] == "missile" for x in v["violations"])
-        present.setdefault(v["stream_id"], {})[v["frame_index"]] = hit
+        present.setdefault(v["stream_id"], {}).setdefault(v["frame_index"], hit)
     expected = {stream: reference([by_index[i] for i in sorted(by_index)], K, N, M) for stream, by_index in present.items()}
     return {stream: events for stream, events in expected.items() if events}
 
@@ -92,7 +95,9 @@ def test_a_rocket_segment_starts_and_ends_one_alert(settings, start_worker, run,
     assert published(alerts) == expected_alerts(verdicts)
     start, end = sorted((r["value"] for r in alerts), key=lambda a: a["event"] == "end")
     assert (start["event"], end["event"], start["stream_id"]) == ("start", "end", "cam-a")
-    assert 20 <= start["first"]["frame_index"] <= 22 and 32 <= end["last"]["frame_index"] <= 34
+    # every rocket frame (20-34) scores missile 0.36: k=3 of n=5 completes at frame 22, m=6 ends at frame 40
+    assert (start["first"]["frame_index"], start["last"]["frame_index"], end["last"]["frame_index"]) == (20, 22, 34)
+    assert (start["decided_at_frame"], end["decided_at_frame"]) == (22, 40)
     assert start["episode"] == end["episode"] and start["label"] == "missile"
     assert end["evidence_frame_id"].startswith("cam-a:") and end["peak_score"] >= start["peak_score"] > 0.3
     assert [r["key"] for r in alerts] == [r["value"]["id"] for r in alerts]
@@ -103,7 +108,7 @@ def test_after_a_kill_minus_9_every_alert_is_there_exactly_once(settings, start_
     rocket, coffee = pictures
     settings = alert_settings(settings, tmp_path)
     segments = [rocket] * 12 + [coffee] * 12
-    streams = {f"cam-{s}": segments * 30 for s in "abx"}  # 30 episodes per stream, 720 frames; both partitions
+    streams = {f"cam-{s}": segments * 15 for s in "abx"}  # 15 episodes per stream, 360 frames; both partitions
     run(send_records(settings, FRAMES, [r for stream, pics in streams.items() for r in frames(stream, pics)]))
     total = sum(map(len, streams.values()))
 
@@ -114,10 +119,11 @@ def test_after_a_kill_minus_9_every_alert_is_there_exactly_once(settings, start_
     assert len(before) >= 6 and len(verdicts_at_kill) < total, "the kill must land mid-stream"
 
     start_worker(settings)
-    verdicts = collect(settings, VERDICTS, lambda rs: len(ids(rs)) >= total, timeout_s=240)
+    verdicts = collect(settings, VERDICTS, lambda rs: len(ids(rs)) >= total, timeout_s=200)
+    assert len(ids(verdicts)) == total, "every frame judged (else the oracle below would be partial)"
     expected = expected_alerts(verdicts)
     want = sum(map(len, expected.values()))
-    assert want >= 150  # the rocket is judged a missile in most segments: the test has alerts to lose
+    assert want == 90  # the rocket (missile 0.36 > 0.3) starts and ends an alert in each of 45 segments
     collect(settings, ALERTS, lambda rs: len(rs) >= want, timeout_s=120)
     alerts = collect(settings, ALERTS, lambda rs: False, timeout_s=3)  # everything, a little after the last
 
@@ -149,7 +155,8 @@ def test_a_rebalance_mid_stream_keeps_every_alert_exactly_once(settings, start_w
         if len({r["value"]["worker"] for r in collect(settings, VERDICTS, lambda rs: len({r["value"]["worker"] for r in rs}) >= 2,
                                                       timeout_s=3)}) >= 2:
             break
-    verdicts = collect(settings, VERDICTS, lambda rs: len(ids(rs)) >= 3 * sent, timeout_s=240)
+    verdicts = collect(settings, VERDICTS, lambda rs: len(ids(rs)) >= 3 * sent, timeout_s=200)
+    assert len(ids(verdicts)) == 3 * sent, "every frame judged (else the oracle below would be partial)"
     assert len({r["value"]["worker"] for r in verdicts}) == 2, "the rebalance must land mid-stream"
     expected = expected_alerts(verdicts)
     collect(settings, ALERTS, lambda rs: len(rs) >= sum(map(len, expected.values())), timeout_s=120)
