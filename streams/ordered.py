@@ -74,6 +74,8 @@ class OrderedAcker:
         self.name = name
         self.delivered = 0
         self._unacked = 0  # added but not yet acked: pending, or popped and being delivered
+        self._idle = asyncio.Event()  # set while nothing is un-acked
+        self._idle.set()
         self._consumed = metrics.RECORDS_CONSUMED.labels(name)
         self._in_flight_gauge = metrics.IN_FLIGHT.labels(name)
 
@@ -96,6 +98,7 @@ class OrderedAcker:
             await self._space.wait()
         self._pending.append((events, asyncio.ensure_future(outputs)))
         self._unacked += len(events)
+        self._idle.clear()
         self._wakeup.set()
         self._consumed.inc(len(events))
         self._in_flight_gauge.set(self._unacked)
@@ -157,6 +160,8 @@ class OrderedAcker:
             self._unacked -= len(events)
             self.delivered += len(events)
             self._space.set()
+            if not self._unacked:
+                self._idle.set()
             for topic, count in Counter(output.topic for output in outputs).items():
                 metrics.RECORDS_PRODUCED.labels(topic).inc(count)
             self._in_flight_gauge.set(self._unacked)
@@ -177,12 +182,16 @@ class OrderedAcker:
             await asyncio.sleep(0.2 * (attempt + 1))
             deliveries = [await self._send(o) for o in outputs]
 
+    async def idle(self) -> None:
+        """Wait until everything added so far is delivered and acked."""
+        await self._idle.wait()
+
     async def drain(self, timeout_s: float) -> None:
-        """Wait (bounded) until everything added so far is delivered and acked; for graceful stops."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while self._unacked and loop.time() < deadline:
-            await asyncio.sleep(0.01)
+        """`idle()`, bounded: a graceful stop does not wait forever (what is left is redelivered)."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            pass
 
 
 async def _one(outputs: Awaitable[list[Output]]) -> list[list[Output]]:

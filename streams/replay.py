@@ -212,8 +212,7 @@ async def _process(kafka, out, plan: RangePlan, ranges: dict[int, PartitionRange
                         sources.append(None)
                         skipped += 1
                 await acker.add_batch(done, _outputs_of(handle, sources))
-        while acker.in_flight:
-            await asyncio.sleep(0.01)
+        await acker.idle()
         checkpoint.done = True
     finally:
         saver.cancel()

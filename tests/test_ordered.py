@@ -334,3 +334,23 @@ def test_add_batch_waits_while_the_batch_would_pass_max_in_flight():
     blocked, acks = asyncio.run(main())
     assert blocked  # 3 in flight + 2 would pass 4
     assert acks == ["a0", "a1", "a2", "b0", "b1"]
+
+
+def test_idle_wakes_when_the_last_event_is_acked_and_drain_gives_up_at_its_timeout():
+    async def scenario():
+        producer, acks = FakeProducer(), []
+        acker = OrderedAcker(producer.send)
+        runner = asyncio.ensure_future(acker.run())
+        await acker.idle()  # nothing added: idle at once
+        await acker.add(FakeEvent("e1", acks), asyncio.sleep(0, [_out("k1")]))
+        waiting = asyncio.ensure_future(acker.idle())
+        while not producer.sent:
+            await asyncio.sleep(0)
+        await acker.drain(timeout_s=0.05)  # not delivered: drain returns at its timeout, nothing acked
+        assert acks == [] and not waiting.done()
+        producer.deliver(b"k1")
+        await asyncio.wait_for(waiting, 1)  # the ack wakes it
+        assert acks == ["e1"]
+        runner.cancel()
+
+    asyncio.run(scenario())
