@@ -224,7 +224,7 @@ def build_worker_app(settings: Settings) -> faust.App:
     runs on `grpc_port` when it is set."""
     app = create_app(settings)
     share_cores(settings)
-    providers = tuple(p for p in settings.providers.split(",") if p) or None
+    providers = settings.provider_list
     registry = ModelRegistry(ModelRepository(settings.model_dir), providers, settings.intra_op_threads or None,
                              hooks=model_metrics())
     moderator = Moderator(registry.repo, Policy.load(settings.policy), registry=registry)

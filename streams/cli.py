@@ -101,7 +101,7 @@ def serve_grpc(ctx: click.Context, port: int | None) -> None:
     settings = _settings(ctx)
     logging.config.dictConfig(logging_config(settings.log_level, settings.log_format))
     port = port if port is not None else (settings.grpc_port or 50051)
-    providers = tuple(p for p in settings.providers.split(",") if p) or None
+    providers = settings.provider_list
     registry = ModelRegistry(ModelRepository(settings.model_dir), providers, settings.intra_op_threads or None)
 
     async def serve() -> None:

@@ -119,6 +119,11 @@ class Settings:
         return f"{self.topic_prefix}{name}"
 
     @property
+    def provider_list(self) -> tuple[str, ...] | None:
+        """`providers` as the registry takes them; None: each model config's own preference."""
+        return tuple(p.strip() for p in self.providers.split(",") if p.strip()) or None
+
+    @property
     def bootstrap_servers(self) -> list[str]:
         return [s.strip() for s in self.broker.split(",") if s.strip()]
 

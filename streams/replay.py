@@ -144,7 +144,7 @@ async def replay(settings: Settings, options: ReplayOptions) -> dict[str, Any]:
     checkpoint = Checkpoint.load(ckpt_path, run)
 
     share_cores(settings)
-    moderator = Moderator(ModelRepository(settings.model_dir), policy, tuple(p for p in settings.providers.split(",") if p) or None,
+    moderator = Moderator(ModelRepository(settings.model_dir), policy, settings.provider_list,
                           settings.intra_op_threads or None)
     for stage in moderator.stages.values():
         stage.batcher.max_batch_size = max(stage.batcher.max_batch_size, options.batch_size)

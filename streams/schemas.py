@@ -36,7 +36,6 @@ POST_SCHEMA = "inferstream.post.v1"
 EVENT_SCHEMA = "inferstream.event.v1"
 VERDICT_SCHEMA = "inferstream.verdict.v1"
 DEAD_LETTER_SCHEMA = "inferstream.dead_letter.v1"
-RECOMMENDATION_SCHEMA = "inferstream.recommendations.v1"
 RECOMMENDATION_REQUEST_SCHEMA = "inferstream.recommendation_request.v1"
 
 EVENT_KINDS = ("view", "click", "like", "purchase")
