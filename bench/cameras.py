@@ -303,8 +303,12 @@ class Rig:
         self.broker = EmbeddedBroker(free_port(), log_path=self.workdir / "broker.log").start()
         self.settings = Settings(broker=self.broker.bootstrap, topic_prefix=f"bench-{uuid.uuid4().hex[:6]}-",
                                  app_id="inferstream-bench-cameras")
-        self.server = RtspServer(free_port(), {f"/cam{i}": self.clip for i in range(self.n)},
-                                 self.workdir / "rtsp.log").start()
+        try:
+            self.server = RtspServer(free_port(), {f"/cam{i}": self.clip for i in range(self.n)},
+                                     self.workdir / "rtsp.log").start()
+        except BaseException:
+            self.broker.stop()
+            raise
         return self
 
     def cameras(self) -> list[dict]:
