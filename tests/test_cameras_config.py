@@ -94,3 +94,16 @@ def test_files_are_scaled_to_max_side_while_converting(tmp_path):
     video = write_video(tmp_path / "v.mp4", [np.full((96, 128, 3), 40 * i, np.uint8) for i in range(3)], fps=10)
     assert [f.rgb.shape for f in sample_frames(video, max_side=64)] == [(48, 64, 3)] * 3
     assert [f.rgb.shape for f in sample_frames(video)] == [(96, 128, 3)] * 3
+
+
+def test_pace_says_how_far_a_reader_falls_behind_its_camera():
+    from streams.cameras.feed import Pace
+
+    pace = Pace()
+    pace.start_session()
+    # frames 0.2 s apart on the camera's clock; the first session keeps up (jitter aside)
+    assert [pace.frame(i * 0.2, 100 + i * 0.2 + (0.01 if i % 2 else 0)) for i in range(5)] == pytest.approx([0, 0.01, 0, 0.01, 0])
+    # a reader that needs 0.3 s per 0.2 s of video falls 0.1 s further behind with every frame
+    pace.start_session()
+    assert [pace.frame(50 + i * 0.2, 200 + i * 0.3) for i in range(4)] == pytest.approx([0, 0.1, 0.2, 0.3])
+    assert pace.behind_s == pytest.approx(0.3)

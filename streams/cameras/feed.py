@@ -59,6 +59,26 @@ def backoff_delays(initial_s: float, max_s: float):
         delay = min(delay * 2, max_s)
 
 
+class Pace:
+    """How far a reader is behind its camera: wall time since a session's first frame minus the camera's
+    own time (pts) since then. A live camera sends in real time, so this stays near 0 while the reader
+    keeps up and grows when it cannot (decoding too slow for the camera's rate); frames still arrive, so
+    `seconds_since_last_frame` does not show it."""
+
+    def __init__(self) -> None:
+        self._anchor: tuple[float, float] | None = None  # (monotonic, pts) of the session's first frame
+        self.behind_s = 0.0
+
+    def start_session(self) -> None:
+        self._anchor, self.behind_s = None, 0.0
+
+    def frame(self, pts: float, now: float) -> float:
+        if self._anchor is None:
+            self._anchor = (now, pts)
+        self.behind_s = max(0.0, (now - self._anchor[0]) - (pts - self._anchor[1]))
+        return self.behind_s
+
+
 @dataclass
 class CameraStats:
     published: int = 0  # acknowledged by the broker
@@ -86,6 +106,7 @@ class CameraFeed:
         self.state = "starting" if config.enabled else "disabled"  # connecting | streaming | backoff | stopped
         self.session: str | None = None
         self.sessions = 0
+        self.pace = Pace()
         self.started_at = time.monotonic()
         self.last_frame_at: float | None = None
         self._queue: deque[Record] = deque()
@@ -154,8 +175,10 @@ class CameraFeed:
             with container:
                 frames = read_frames(container, fps=cfg.fps, max_side=cfg.max_side, first_index=self.stats.decode.decoded,
                                      stats=self.stats.decode)
+                self.pace.start_session()
                 for frame in frames:
                     self.last_frame_at = time.monotonic()
+                    self.pace.frame(frame.pts, self.last_frame_at)
                     delivered = True
                     self._enqueue(frame)
                     if self._stop.is_set():
@@ -255,6 +278,7 @@ class CameraFeed:
         return {
             "url": redact_url(self.config.url), "enabled": self.config.enabled, "state": self.state, "session": self.session,
             "seconds_since_last_frame": round(self.seconds_since_last_frame(), 3),
+            "seconds_behind": round(self.pace.behind_s, 3),
             "frames_read": self.stats.decode.decoded, "published": self.stats.published,
             "dropped": dict(self.stats.dropped), "decode_errors": self.stats.decode.errors,
             "reconnects": self.stats.reconnects, "connect_failures": self.stats.connect_failures,

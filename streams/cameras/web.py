@@ -50,6 +50,9 @@ class CameraCollector:
                       "timeout)", lambda f: f.stats.disconnects, ("reason", DISCONNECT_REASONS))
         yield gauge("inferstream_camera_seconds_since_last_frame", "Seconds since the camera's last frame (since start "
                     "when none came yet)", lambda f: f.seconds_since_last_frame())
+        yield gauge("inferstream_camera_seconds_behind", "How far the reader is behind the camera: wall time since the "
+                    "session's first frame minus the camera's time since then (grows when decoding cannot keep up)",
+                    lambda f: f.pace.behind_s)
         yield gauge("inferstream_camera_queue_frames", "Frames waiting for the producer", lambda f: f.queued[0])
         yield gauge("inferstream_camera_queue_bytes", "Encoded bytes waiting for the producer", lambda f: f.queued[1])
         yield gauge("inferstream_camera_connected", "1 while a session is streaming", lambda f: int(f.state == "streaming"))
