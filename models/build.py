@@ -36,11 +36,15 @@ def _built(ref: str) -> bool:
     return (ROOT / ref / file).exists()
 
 
-def _recipe(module: str):
-    spec = importlib.util.spec_from_file_location(module, ROOT / "recipes" / f"{module}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def load_recipe(name: str):
+    """The recipe `name` as `inferstream_recipes.<name>` (models/recipes, registered as a package once)."""
+    if "inferstream_recipes" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("inferstream_recipes", ROOT / "recipes" / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT / "recipes")])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["inferstream_recipes"] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module(f"inferstream_recipes.{name}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"models: {', '.join(writes)} already built")
             continue
         started = time.perf_counter()
-        report = _recipe(module).build(out_dir)
+        report = load_recipe(module).build(out_dir)
         print(f"models: built {ref} in {time.perf_counter() - started:.1f}s {json.dumps(report)}")
     return 0
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +16,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def load_recipe(name: str):
-    """A recipe module, registered under the name the recipes use for each other."""
-    key = f"inferstream_recipes.{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, REPO / "models" / "recipes" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
+    """A recipe module as models/build.py loads it (the package `inferstream_recipes`)."""
+    spec = importlib.util.spec_from_file_location("models_build", REPO / "models" / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    return build.load_recipe(name)
 
 
 interactions = load_recipe("interactions")

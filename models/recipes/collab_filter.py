@@ -17,26 +17,14 @@ Artefacts (next to the committed config.yaml; sizes are for the default data):
 
 
 import dataclasses
-import importlib.util
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-
-def sibling(name: str):
-    """Recipes are loaded by file path (models/build.py), not as a package: load a sibling recipe once."""
-    key = f"inferstream_recipes.{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
-
+from . import interactions, recsys_quality
 
 KIND_WEIGHTS = np.array([1.0, 4.0, 2.0, 4.0])  # view, click, like, purchase (indexed by event kind)
 
@@ -152,7 +140,7 @@ def _check_config(out_dir: Path, cfg: ALSConfig) -> None:
 
 def evaluate(data, retriever, k_max: int = 50) -> dict:
     """Popularity (global, and of the user's recent categories) vs CF retrieval on the held-out split."""
-    quality = sibling("recsys_quality")
+    quality = recsys_quality
     users, targets = quality.heldout_targets(data)
     histories = train_histories(data, users, retriever.recent_window)
     index = retriever.item_index
@@ -173,7 +161,7 @@ def build(out_dir: Path, data=None, cfg: ALSConfig | None = None) -> dict:
     _check_config(out_dir, cfg)
     started = time.perf_counter()
     if data is None:
-        data = sibling("interactions").generate()
+        data = interactions.generate()
     train = data.train()
     users, items, weights = interaction_weights(train)
     user_vec, item_vec = implicit_als(users, items, weights, data.n_users, data.n_items, cfg)

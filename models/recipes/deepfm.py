@@ -23,9 +23,7 @@ whether the user would ever reach the item), which the report shows as
 """
 
 import dataclasses
-import importlib.util
 import json
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -33,16 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def sibling(name: str):
-    """Recipes are loaded by file path (models/build.py), not as a package: load a sibling recipe once."""
-    key = f"inferstream_recipes.{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
+from . import collab_filter, interactions, recsys_quality
 
 
 @dataclass(frozen=True)
@@ -84,7 +73,6 @@ class Impressions:
 def impressions(data, cfg: DeepFMConfig) -> Impressions:
     """Every view of `data` with its context: hour, and the category histogram of the user's last
     `recent_window` events before the session of the view (sessions end after `session_gap_s`)."""
-    interactions = sibling("interactions")
     order = np.lexsort((data.kind, data.ts, data.user))  # by user, then time
     user, item, kind, ts = data.user[order], data.item[order], data.kind[order], data.ts[order]
     n = len(user)
@@ -249,8 +237,7 @@ def evaluate_ranking(data, retriever, ranker, cfg: DeepFMConfig, batch_users: in
     """Quality table: popularity, CF and CF top-`candidates` reranked by `ranker`, on held-out clicks."""
     from operators.ranking import RankRequest
 
-    cf = sibling("collab_filter")
-    quality = sibling("recsys_quality")
+    cf, quality = collab_filter, recsys_quality
     users, targets = quality.heldout_targets(data)
     histories = cf.train_histories(data, users, cfg.recent_window)
     test = data.test()
@@ -311,8 +298,8 @@ def build(out_dir: Path, data=None, cf_dir: Path | None = None, cfg: DeepFMConfi
     if not (cf_dir / "item_embeddings.npy").is_file():
         raise RuntimeError(f"{cf_dir} has no item_embeddings.npy: build cf-retrieval/1 first")
     if data is None:
-        data = sibling("interactions").generate()
-    cf = sibling("collab_filter")
+        data = interactions.generate()
+    cf = collab_filter
     train = data.train()
     buckets = popularity_bucket(cf.item_popularity(train), cfg.popularity_buckets)
     retriever = CFRetriever.from_directory(cf_dir)

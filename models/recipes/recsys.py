@@ -10,7 +10,6 @@ with its quality.json.
 """
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -19,20 +18,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent  # models/
 
 
-def sibling(name: str):
-    """Recipes are loaded by file path (models/build.py), not as a package: load a sibling recipe once."""
-    key = f"inferstream_recipes.{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
-
-
 def build_all(models_root: Path = ROOT, data_dir: Path | None = ROOT.parent / ".cache" / "recsys") -> dict:
     """Data, then cf-retrieval/1, then deepfm-ctr/1 under `models_root`; returns each step's report and time."""
-    interactions, cf, deepfm = sibling("interactions"), sibling("collab_filter"), sibling("deepfm")
+    from . import collab_filter as cf
+    from . import deepfm, interactions
+
     started = time.perf_counter()
     data = interactions.generate()
     report: dict = {"data": interactions.summary(data)}
@@ -60,10 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / ".cache" / "recsys")
     args = parser.parse_args(argv)
     report = build_all(args.models_root, args.data_dir)
-    print(sibling("recsys_quality").format_table(report["deepfm-ctr/1"]["quality"]))
+    from . import recsys_quality
+
+    print(recsys_quality.format_table(report["deepfm-ctr/1"]["quality"]))
     print(json.dumps(report, indent=2, default=str))
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run as a script: through the recipes package models/build.py registers
+    sys.path.insert(0, str(ROOT))
+    from build import load_recipe
+
+    sys.exit(load_recipe("recsys").main())
