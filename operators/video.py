@@ -57,19 +57,26 @@ def sample_frames(path: str | Path, fps: float | None = None, every: int | None 
                   max_frames: int | None = None, max_side: int | None = None) -> Iterator[DecodedFrame]:
     """Decode `path` (threaded) and yield every `every`-th frame, or frames at about `fps` per second of
     video time, or all frames. Only sampled frames are converted to RGB arrays (scaled to fit `max_side`)."""
-    sampler = FrameSampler(fps, every)
-    emitted = 0
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         rate = float(stream.average_rate or stream.guessed_rate or 30)
-        for index, frame in enumerate(container.decode(stream)):
-            pts = float(frame.time) if frame.time is not None else index / rate
-            if not sampler.keep(index, pts):
-                continue
+        timed = ((index, float(frame.time) if frame.time is not None else index / rate, frame)
+                 for index, frame in enumerate(container.decode(stream)))
+        yield from _sampled(timed, FrameSampler(fps, every), max_frames, max_side)
+
+
+def _sampled(timed: Iterator[tuple[int, float, av.VideoFrame]], sampler: FrameSampler, max_frames: int | None,
+             max_side: int | None) -> Iterator[DecodedFrame]:
+    """The frames `sampler` keeps of (index, pts, frame), converted to RGB only then, `max_frames` at most."""
+    if max_frames is not None and max_frames <= 0:
+        return
+    emitted = 0
+    for index, pts, frame in timed:
+        if sampler.keep(index, pts):
             yield DecodedFrame(index, pts, _to_rgb(frame, max_side))
             emitted += 1
-            if max_frames is not None and emitted >= max_frames:
+            if emitted == max_frames:  # at once: a live source would otherwise be read for one frame more
                 return
 
 
@@ -157,32 +164,28 @@ def read_frames(container: av.container.InputContainer, *, fps: float | None = N
     count). Decoding is single-threaded: frame threads would hold frames back, and many cameras in one
     process already use every core."""
     stats = stats if stats is not None else DecodeStats()
-    sampler = FrameSampler(fps, every)
     stream = container.streams.video[0]
     stream.thread_count = 1
     rate = float(stream.average_rate or stream.guessed_rate or 25)
-    emitted = 0
-    index = first_index - 1
-    first_pts: float | None = None
-    for packet in container.demux(stream):
-        try:
-            frames = packet.decode()
-        except av.error.InvalidDataError:
-            stats.errors += 1
-            continue
-        for frame in frames:
-            stats.decoded += 1
-            index += 1
-            pts = float(frame.time) if frame.time is not None else math.nan
-            if math.isnan(pts):  # some cameras leave the first frames unstamped
-                pts = (first_pts or 0.0) + (index - first_index) / rate
-            first_pts = pts if first_pts is None else first_pts
-            if not sampler.keep(index, pts):
+
+    def timed() -> Iterator[tuple[int, float, av.VideoFrame]]:
+        index, first_pts = first_index - 1, None
+        for packet in container.demux(stream):
+            try:
+                frames = packet.decode()
+            except av.error.InvalidDataError:
+                stats.errors += 1
                 continue
-            yield DecodedFrame(index, pts, _to_rgb(frame, max_side))
-            emitted += 1
-            if max_frames is not None and emitted >= max_frames:
-                return
+            for frame in frames:
+                stats.decoded += 1
+                index += 1
+                pts = float(frame.time) if frame.time is not None else math.nan
+                if math.isnan(pts):  # some cameras leave the first frames unstamped
+                    pts = (first_pts or 0.0) + (index - first_index) / rate
+                first_pts = pts if first_pts is None else first_pts
+                yield index, pts, frame
+
+    yield from _sampled(timed(), FrameSampler(fps, every), max_frames, max_side)
 
 
 def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: int = 10, codec: str = "mpeg4") -> Path:
