@@ -168,13 +168,16 @@ def test_case_mark_takes_the_tag_of_its_word(recipe):
 
 
 def test_generated_posts_hold_hard_negatives_without_entities(recipe, generated):
-    """App, card-network, product and place words appear in posts and are never inside an entity
-    (a bank that is also a payment app, such as Revolut, is an ORG when it acts: it is left out here)."""
-    negatives = {w.lower() for w in [*recipe.APPS, *recipe.CARD_NETWORKS, *recipe.PRODUCTS,
-                                     *recipe.PLACE_NOUNS["en"]]} - {w.lower() for w in recipe.ORGS_GLOBAL}
+    """App, card-network, product and place words appear in posts and are never inside an entity.
+    (Words that are also names or organisations, such as Lydia or Revolut, are left out of this check.)"""
+    negatives = {"whatsapp", "venmo", "zelle", "slack", "mastercard", "amex", "ios", "minecraft", "iphone",
+                 "station", "lake", "gas station", "city centre", "platform", "intercom", "dob", "sku"}
+    for word in negatives:
+        assert any(word == w.lower() for w in [*recipe.APPS, *recipe.CARD_NETWORKS, *recipe.PRODUCTS,
+                                               *recipe.PLACE_NOUNS["en"], *recipe.ABBREVIATIONS]), word
     seen = 0
     for post in generated:
         for ent in post["entities"]:
             assert post["text"][ent["start"]:ent["end"]].lower() not in negatives, post
-        seen += any(w in post["text"].lower() for w in ("whatsapp", "venmo", "station", "lake", "visa"))
-    assert seen >= 5
+        seen += any(w in post["text"].lower() for w in negatives)
+    assert seen >= 10

@@ -202,6 +202,9 @@ TEMPLATES_EN = [
     "I was never in {POSTCODE} {LOC}, only in {LOC}",
     "new address: {ADDR}, {POSTCODE} {LOC}",
     "the form wants my {ABBR}, {ABBR} and {IDNAME} {ID}",
+    "{ISSUER} {IDNAME} {ID}, need it for the rental at {ORG} tomorrow",
+    "{IDNAME}: {ID} ({ISSUER}), please don't laugh at the photo",
+    "call starts at {TIME} {ABBR}, {FIRST} is hosting",
     "found a wallet near the {PLACE}, name {PERSON}, handed it in at {ORG}",
     "if you're in {LOC} and need a plumber, {FIRST} is great: {PHONE}",
     "posting my cousin's number: {PHONE}. {FIRST} if you see this call mom",
@@ -258,6 +261,10 @@ TEMPLATES_DE = [
     "ich war nie in {POSTCODE} {LOC}, aber oft in {LOC}",
     "{IDNAME} verloren in {LOC}, Nummer {ID}, was muss ich tun?",
     "hab es bei {ORG} gepostet, {FIRST} meinte das ist ok",
+    "Überweisung an {IBANNUM}, Verwendungszweck {NOUN} {DATE}",
+    "{NOUN} und {NOUN} per Mail an {EMAIL}, {FIRST} kümmert sich",
+    "muss ich jetzt zum {NOUN} in {LOC}? {NOUN} erst im {DATE}",
+    "die {ORG} in {LOC} schließt die {NOUN} in der {ADDR}, schade",
 ]
 TEMPLATES_DE_EMPTY = [
     "Bestellung {ORDER} kostet {PRICE}, Lieferung am {DATE}",
@@ -266,6 +273,9 @@ TEMPLATES_DE_EMPTY = [
     "Miete {PRICE} warm, Nebenkosten {PRICE}, Kaution {NUM} Monatsmieten",
     "Version {VERSION} hat den Bug von {VERSION} behoben",
     "am {PLACE} gewartet, {NUM} Minuten, dann war der Zug weg",
+    "{NOUN} beim {NOUN} erst im {DATE}, {NOUN} ist abgelaufen",
+    "{NOUN} für {NOUN} kam heute, {PRICE}, {NOUN} bis {DATE}",
+    "Verwendungszweck {NOUN} {DATE}, Betrag {PRICE}",
 ]
 TEMPLATES_FR = [
     "merci à {PERSON} de chez {ORG} pour son aide",
@@ -410,8 +420,16 @@ PLACE_NOUNS = {
     "es": ["estación", "lago", "estadio", "cajero", "banco", "centro", "farmacia", "piso", "andén", "parking",
            "colegio"],
 }
+NOUNS_DE = ["Miete", "Termin", "Filiale", "Bürgeramt", "Amt", "Rechnung", "Vertrag", "Kaution", "Nebenkosten",
+            "Kündigung", "Versicherung", "Steuererklärung", "Überweisung", "Lieferung", "Paket", "Ausweis",
+            "Kundennummer", "Hotline", "Arzt", "Zahnarzt", "Vermieter", "Nachbar", "Chef", "Kollege", "Urlaub",
+            "Wochenende", "Handy", "Brief", "Schreiben", "Formular", "Antrag", "Bescheid", "Frist", "Reisepass",
+            "Mahnung", "Zählerstand", "Verwendungszweck", "Wohnung", "Kaffee", "Bahn"]
 ABBREVIATIONS = ["DOB", "dob", "SKU", "PIN", "pw", "OTP", "2FA", "CVV", "cvv", "ETA", "HR", "ref", "VAT", "IVA",
-                 "MwSt", "TVA", "PO", "DM", "FYI", "OT", "ET", "PB", "YTD", "exp", "BIC", "sort code", "IMEI"]
+                 "MwSt", "TVA", "PO", "DM", "FYI", "OT", "ET", "PB", "YTD", "exp", "BIC", "sort code", "IMEI",
+                 "PT", "CET", "UTC", "GMT", "EST", "DL", "ID", "ASAP", "TBD", "ICE", "PDF", "CV", "FAQ", "AGB"]
+# The US state or country that issued an ID, written before it, is not annotated ("CA driver's license").
+ISSUERS = ["CA", "NY", "TX", "IL", "FL", "WA", "NJ", "PA", "OH", "MA", "UK", "EU", "US"]
 
 ORGS_GLOBAL = [
     "Amazon", "Google", "Apple", "Microsoft", "Netflix", "Spotify", "Uber", "Airbnb", "eBay",
@@ -659,7 +677,11 @@ class _PostWriter:
                 local = r.choice([f"{first}.{last}", f"{first}{last}", f"{first[0]}.{last}", f"{first}_{last}",
                                   f"{first}{r.randint(1, 99)}", f"{last}.{first[0]}{r.randint(70, 99)}"])
                 local = re.sub(r"[^a-z0-9._]", "", _ascii(local)) or "info"
-                return f"{local}@{r.choice(EMAIL_DOMAINS[self.locale])}"
+                domain = r.choice(EMAIL_DOMAINS[self.locale])
+                if r.random() < 0.15:  # spelled out against scrapers: "jay [at] host [dot] com"
+                    at, dot = r.choice([(" [at] ", " [dot] "), (" at ", " dot "), ("(at)", "(dot)"), (" (at) ", ".")])
+                    return local + at + domain.replace(".", dot)
+                return f"{local}@{domain}"
             if x < 0.75:
                 return f.free_email()
             if x < 0.9:
@@ -750,6 +772,10 @@ class _PostWriter:
             return self.f.postcode()
         if slot == "ABBR":
             return r.choice(ABBREVIATIONS)
+        if slot == "NOUN":
+            return r.choice(NOUNS_DE)
+        if slot == "ISSUER":
+            return r.choice(ISSUERS)
         if slot == "HANDLE":
             return "@" + self.f.user_name()
         if slot == "URL":
