@@ -324,7 +324,9 @@ def _latencies(batcher: MicroBatcher, gaps: list[float]) -> list[float]:
     return asyncio.run(main())
 
 
-def test_micro_batcher_with_the_controller_keeps_p99_within_target_at_low_load():
+def test_micro_batcher_wired_to_the_controller_does_not_hold_a_lone_item_at_low_load():
+    # Real threads and sleeps: only the shape is asserted, never a time (the p99 target itself is
+    # checked on the simulated clock above, where the machine's load cannot move it).
     def run_batch(items):
         time.sleep(cost(len(items)))  # the simulated model's cost
         return list(items)
@@ -333,10 +335,10 @@ def test_micro_batcher_with_the_controller_keeps_p99_within_target_at_low_load()
     controller = BatchController(MAX, 0.02, target_s=TARGET, warm_up=4)
     adaptive = _latencies(MicroBatcher(run_batch, controller=controller), gaps)
     fixed = _latencies(MicroBatcher(run_batch, MAX, 0.02), gaps)
-    assert np.percentile(adaptive, 99) <= TARGET
-    assert controller.cost is not None
+    assert controller.cost is not None  # it learned the cost curve from the batches it saw
     # a lone item is not held for company that does not come: the fixed batcher holds each for 20 ms
-    assert np.median(adaptive) < 0.015 < 0.02 <= np.median(fixed)
+    assert 0.02 <= np.median(fixed)
+    assert np.median(adaptive) < np.median(fixed)
 
 
 def test_metrics_hook_reports_wait_limit_cost_and_late_records():
