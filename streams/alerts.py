@@ -130,9 +130,15 @@ class AlertPipeline:
     def __init__(self, settings: Settings, rule: AlertRule, store: AlertStore | None = None) -> None:
         self.rule = rule
         self.store = store or AlertStore(settings)
+        self._in_order = asyncio.Lock()
 
     async def handle_batch(self, sources: list[SourceRecord]) -> list[list[Output]]:
-        return [await self.handle(source) for source in sources]  # in order: one stream's frames build on each other
+        """In order, batch after batch: batches run concurrently (OrderedAcker) and a partition's
+        recovery suspends the batch that meets it first; a later batch must not apply its frames
+        before the earlier ones, which would then look like redeliveries (asyncio.Lock: first come,
+        first served)."""
+        async with self._in_order:
+            return [await self.handle(source) for source in sources]
 
     async def handle(self, source: SourceRecord) -> list[Output]:
         if not source.value or _FRAME_MARK not in source.value:
