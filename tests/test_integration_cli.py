@@ -56,7 +56,7 @@ def test_broker_command_serves_kafka_and_stops_cleanly_on_ctrl_c(settings):
         assert sent.returncode == 0 and json.loads(sent.stdout)["sent"] == 1
     finally:
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(15) == 0
+        assert proc.wait(30) == 0  # the broker gets 10 s to stop before it is killed; a loaded machine is slow
 
 
 def test_produce_video_publishes_sampled_frames_with_headers(settings, tmp_path):
