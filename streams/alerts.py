@@ -136,32 +136,42 @@ class AlertPipeline:
         """In order, batch after batch: batches run concurrently (OrderedAcker) and a partition's
         recovery suspends the batch that meets it first; a later batch must not apply its frames
         before the earlier ones, which would then look like redeliveries (asyncio.Lock: first come,
-        first served)."""
+        first served). One snapshot per changed stream and batch, with the stream's last verdict in
+        it: a batch is acked as a whole, once all its outputs are delivered."""
         async with self._in_order:
-            return [await self.handle(source) for source in sources]
+            applied = [await self._apply(source) for source in sources]
+        last = {stream: i for i, (stream, _) in enumerate(applied) if stream is not None}
+        for stream, i in last.items():
+            applied[i][1].append(self.store.snapshot(stream))
+        return [outputs for _, outputs in applied]
 
     async def handle(self, source: SourceRecord) -> list[Output]:
+        """One verdict's outputs: its alerts and, when it changed its stream, the stream's snapshot."""
+        stream, outputs = await self._apply(source)
+        return outputs + ([self.store.snapshot(stream)] if stream is not None else [])
+
+    async def _apply(self, source: SourceRecord) -> tuple[str | None, list[Output]]:
+        """(the stream it changed or None, the alerts it raised and any sent again at recovery)."""
         if not source.value or _FRAME_MARK not in source.value:
-            return []  # a post verdict (most of the topic at text rates): not parsed at all
+            return None, []  # a post verdict (most of the topic at text rates): not parsed at all
         try:
-            frame = JudgedFrame.from_verdict(orjson.loads(source.value)) if source.value else None
+            frame = JudgedFrame.from_verdict(orjson.loads(source.value))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             # our own verdicts topic: a record we cannot read is not ours to judge; counted, not alerted on
             metrics.ALERT_INPUTS_IGNORED.inc()
             log.warning("verdict at %s:%d:%d not readable for alerts: %s", source.topic, source.partition, source.offset, exc)
-            return []
+            return None, []
         if frame is None:
-            return []
+            return None, []
         outputs = await self.store.ensure(source.partition)
         state = self.store.get(frame.stream_id, source.partition)
         alerts = state.apply(frame, self.rule)
         if alerts is None:
-            return outputs  # a verdict this state already holds
+            return None, outputs  # a verdict this state already holds
         for alert in self.store.record(frame.stream_id, alerts):
             metrics.ALERTS.labels(alert["check"], alert["event"]).inc()
             outputs.append(self.store.alert_output(alert, source.partition))
-        outputs.append(self.store.snapshot(frame.stream_id))
-        return outputs
+        return frame.stream_id, outputs
 
 
 def _identity(alert: dict[str, Any]) -> tuple[str, int]:
