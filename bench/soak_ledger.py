@@ -35,10 +35,13 @@ def content_hashes(record: dict) -> tuple[int, int]:
     differs but second matches was judged by another version of a model (a hot swap between the two)."""
     content = {k: v for k, v in record.items() if k not in TIMING_FIELDS}
     models = content.get("models")
-    unversioned = content
+    unversioned = dict(content)
     if isinstance(models, dict):
-        unversioned = {**content, "models": {c: {k: v for k, v in (m or {}).items() if k not in ("version", "arm")}
-                                             for c, m in models.items()}}
+        unversioned["models"] = {c: {k: v for k, v in (m or {}).items() if k not in ("version", "arm")}
+                                 for c, m in models.items()}
+    if isinstance(content.get("violations"), list):  # each names its model as name@version
+        unversioned["violations"] = [{**v, "model": str(v.get("model", "")).split("@")[0]} if isinstance(v, dict) else v
+                                     for v in content["violations"]]
     return _digest(content), _digest(unversioned)
 
 

@@ -1,8 +1,11 @@
 """A loaded model version ready to serve (`Stage`: model, operator, micro-batcher) and the leases that
 keep it open while records use it.
 
-A stage is opened fully before it serves: session, operator, batcher, and one warm-up inference
-through the operator, so a model that cannot run never serves. A retired stage closes only when its
+A stage is opened fully before it serves: session, operator, batcher, and a warm-up inference
+through the operator, so a model that cannot run never serves. The warm-up is a full batch of the
+largest input: ONNX Runtime's memory arena grows to its ceiling at load, where a memory limit sees it
+at once, not under the first backlog hours later (a 60-minute soak saw pii-ner's arena grow from
+~150 to ~540 MB that way), and the first full batch does not pay for the allocation. A retired stage closes only when its
 last lease comes back (operators/registry.py retires them).
 """
 
@@ -15,6 +18,7 @@ from typing import Any
 from operators import tasks
 from operators.batch_control import BatchController
 from operators.batcher import MicroBatcher
+from operators.errors import BadInput
 from operators.model_repository import LoadedModel, ModelRef
 from operators.tasks import Operator
 
@@ -71,15 +75,25 @@ def open_stage(model: LoadedModel, warm_up: bool = True) -> Stage:
     """The model's operator (by its task), a warm-up inference through it, and its batcher."""
     task = tasks.get(model.config.task)
     operator = task.operator_for(model)
-    if operator is not None and warm_up:
-        (_,) = operator.run_batch([operator.preprocess(task.warm_up_input())])
     cfg = model.config
+    if operator is not None and warm_up:
+        _warm_up(task, operator, cfg.max_batch_size)
     batcher = None
     if operator is not None:
         controller = BatchController(cfg.max_batch_size, cfg.max_wait_ms / 1000, target_s=cfg.target_p99_ms / 1000,
                                      adaptive=cfg.adaptive_batching)
         batcher = MicroBatcher(operator.run_batch, name=cfg.ref, controller=controller)
     return Stage(cfg.ref, model, operator, batcher)
+
+
+def _warm_up(task: tasks.Task, operator: Operator, batch_size: int) -> None:
+    try:
+        item = operator.preprocess(task.warm_up_input(largest=True))
+    except BadInput:  # longer than this model's max_chars
+        item = operator.preprocess(task.warm_up_input())
+    results = operator.run_batch([item] * batch_size)
+    if len(results) != batch_size:
+        raise ValueError(f"warm-up: {batch_size} inputs gave {len(results)} results")
 
 
 class Lease:

@@ -64,6 +64,8 @@ def resolve(target: str | Callable[..., Any]) -> Callable[..., Any]:
 
 
 _WARM_UP: dict[str, Callable[[], Any]] = {"image": lambda: np.zeros((64, 64, 3), np.uint8), "text": lambda: "warm-up"}
+# Longer than any model's max_length in tokens (images are resized to the model's input anyway).
+_LARGEST: dict[str, Callable[[], Any]] = {**_WARM_UP, "text": lambda: "warm up " * 256}
 
 
 @dataclass(frozen=True)
@@ -85,9 +87,10 @@ class Task:
         """The model's operator (None for a raw-tensor task)."""
         return None if self.operator is None else resolve(self.operator)(model)
 
-    def warm_up_input(self) -> Any:
-        """A value the operator's `preprocess` takes, run once before a version serves."""
-        return _WARM_UP[self.input]()
+    def warm_up_input(self, largest: bool = False) -> Any:
+        """A value the operator's `preprocess` takes, run before a version serves; `largest`: one that
+        fills the model's input (text truncated at max_length) where the input size varies."""
+        return (_LARGEST if largest else _WARM_UP)[self.input]()
 
     def evaluation_for(self, model: LoadedModel) -> Any:
         """How quantization judges a new version of `model` (operators/evaluation.py `Evaluation`)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from tiny_models import write_tiny_repository
 
@@ -9,6 +11,8 @@ from operators import tasks
 from operators.model_repository import ModelRepository
 from operators.policy import RULES
 from operators.stages import open_stage
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_every_served_task_names_its_input_a_rule_the_policy_has_and_an_importable_operator():
@@ -43,3 +47,26 @@ def test_a_stage_gets_its_operator_from_the_entry_and_raw_tensor_tasks_get_none(
     assert stage.task is tasks.get("classify") and stage.batcher is not None
     stage.discard()
     assert tasks.get("embed").operator_for(None) is None and tasks.get("embed").input is None
+
+
+@pytest.mark.parametrize("ref", ["pii-ner@1", "toxicity@1", "nudenet-320n@1"])
+def test_a_stage_warms_up_on_a_full_batch_of_the_largest_input(ref):
+    """The arena reaches its ceiling at load, not under the first backlog: one session call of
+    max_batch_size inputs, text filling max_length tokens."""
+    model = ModelRepository(REPO / "models").load(ref)
+    calls = []
+    run = model.session.run
+
+    def spy(feeds, *args, **kwargs):
+        calls.append({name: getattr(value, "shape", None) for name, value in feeds.items()})
+        return run(feeds, *args, **kwargs)
+
+    model.session.run = spy
+    stage = open_stage(model)
+    stage.discard()
+    cfg = model.config
+    assert len(calls) == 1
+    (shape, *_) = calls[0].values()
+    assert shape[0] == cfg.max_batch_size
+    if ref.startswith("pii-ner"):
+        assert shape == (cfg.max_batch_size, stage.operator.pre.max_length)
