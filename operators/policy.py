@@ -128,6 +128,11 @@ class Policy:
     redaction: Redaction | None = None  # None: no redacted copy of the text (the default)
     alerts: AlertRule = AlertRule()  # stream alerts from frame verdicts: k of n frames to start, m to end
 
+    @property
+    def alerted_checks(self) -> list[str]:
+        """The image checks stream alerts watch: none means there is nothing to alert on."""
+        return [c.name for c in self.checks if c.input == "image" and self.alerts.watches(c.name)]
+
     def redacted(self, text: str | None, entities: list[dict[str, Any]]) -> str | None:
         """The text with the verdict's `entities` (of the redaction's types) replaced by `[TYPE]`; None
         when the policy asks for no redaction or there is no text."""

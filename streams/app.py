@@ -256,8 +256,11 @@ def build_worker_app(settings: Settings) -> faust.App:
     _ordered_agent(app, settings, FRAMES, moderation.handle_frames, send)
     _ordered_agent(app, settings, POSTS, moderation.handle_posts, send)
     _recommendation_agent(app, settings, send)
-    if settings.alerts:
+    # without an image check no verdict can raise an alert: no agent reading every verdict back
+    if settings.alerts and moderator.policy.alerted_checks:
         _alert_agent(app, settings, moderator.policy.alerts, send)
+    elif settings.alerts:
+        log.info("stream alerts off: the policy has no image check")
     return app
 
 

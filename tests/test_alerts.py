@@ -137,3 +137,22 @@ def test_alerts_may_name_only_image_checks():
     assert Policy.from_dict({"checks": checks, "alerts": {"checks": ["o"]}}).alerts.checks == {"o"}
     with pytest.raises(PolicyError, match="not image checks"):
         Policy.from_dict({"checks": checks, "alerts": {"checks": ["t"]}})
+
+
+
+def test_without_an_image_check_the_worker_runs_no_alert_agent(tmp_path):
+    """A posts-only policy can raise no alert: no agent reads every verdict back for nothing."""
+    from conftest import write_policy
+
+    from streams.app import build_worker_app
+    from streams.config import REPO_MODELS, Settings
+    from streams.schemas import VERDICTS
+
+    text = {"toxic": {"model": "toxicity", "input": "text", "label": "toxic"}}
+    image = {"objects": {"model": "efficientnet-lite0", "input": "image", "labels": ["missile"], "top_k": 3}}
+    assert Policy.from_dict({"checks": text}).alerted_checks == []
+    for checks, expected in ((text, False), ({**text, **image}, True)):
+        settings = Settings(model_dir=str(REPO_MODELS), policy=write_policy(tmp_path / f"{expected}.yaml", checks),
+                            data_dir=str(tmp_path / "data"), recommendations="off", intra_op_threads=1)
+        topics = {t for agent in build_worker_app(settings).agents.values() for t in agent.channel.topics}
+        assert (settings.topic(VERDICTS) in topics) is expected
