@@ -34,22 +34,11 @@ from typing import Any
 
 import phonenumbers
 
+from operators.pii_spans import PatternMatch, resolve
+
 PATTERN_TYPES = ("EMAIL", "PHONE", "CARD", "IBAN", "NATIONAL_ID", "PASSPORT", "DRIVER_LICENSE",
                  "IP_ADDRESS", "URL_CREDENTIALS")
 DEFAULT_TYPES = PATTERN_TYPES
-
-
-@dataclass(frozen=True)
-class PatternMatch:
-    """One recognizer hit: `text == original[start:end]`, offsets in characters."""
-
-    type: str
-    text: str
-    start: int
-    end: int  # exclusive
-    score: float
-    validated: bool  # a checksum or a format rule confirmed it (not just a shape or a context word)
-    recognizer: str  # e.g. "card_luhn", "us_ssn", "phone"
 
 
 @dataclass(frozen=True)
@@ -452,23 +441,6 @@ def find_pii(text: str, config: PatternConfig | None = None) -> list[PatternMatc
     if "URL_CREDENTIALS" in want:
         hits += find_url_credentials(text)
     return resolve(hits)
-
-
-def rank_key(span: Any) -> tuple:
-    """The merge order of overlapping spans: validated first, then score, then length, then earlier."""
-    return (not getattr(span, "validated", False), -span.score, -(span.end - span.start), span.start)
-
-
-def resolve(spans: Iterable[Any]) -> list[Any]:
-    """Keep the best of every group of overlapping spans (by `rank_key`), in text order.
-
-    Works on anything with `start`, `end`, `score` and optionally `validated` (PatternMatch, ner.Entity).
-    """
-    kept: list[Any] = []
-    for span in sorted(spans, key=rank_key):
-        if all(span.end <= k.start or span.start >= k.end for k in kept):
-            kept.append(span)
-    return sorted(kept, key=lambda s: (s.start, s.end))
 
 
 def redact(text: str, entities: Iterable[dict[str, Any]], types: Iterable[str] | None = None) -> str:
