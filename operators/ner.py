@@ -13,6 +13,7 @@ are resolved by validation first, then score, then length; each entity says whic
 from __future__ import annotations
 
 import json
+import re
 import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -167,16 +168,32 @@ def merge_entities(model: Sequence[Entity], patterns: Sequence[PatternMatch],
 
 
 _EDGE_PUNCTUATION = " \t\n,.;:!?()[]{}\"'"
+# Closed classes of words that are never entities in the annotation conventions (models/recipes/pii_ner.py):
+# a title stands outside its PERSON span; card networks, form and ID abbreviations and time zones name no
+# person, organisation or place, however the model reads them.
+_TITLE = re.compile(r"(?:mr|mrs|ms|mx|miss|dr|prof|sir|frau|herr|hr|mme|mlle|madame|monsieur|sr|sra|srta|"
+                    r"señor|señora|sig|sig\.ra|signor|signora|dott|dhr|mevr|meneer|mevrouw)\.?(?:\s+|$)", re.IGNORECASE)
+NOT_ENTITIES = frozenset({
+    "visa", "mastercard", "amex", "maestro", "girocard", "ec-karte", "carte bleue", "unionpay", "jcb",
+    "dob", "d.o.b.", "pin", "sku", "otp", "2fa", "cvv", "cvc", "iban", "bic", "swift", "imei", "vat", "iva", "mwst",
+    "tva", "dl", "id", "ssn", "sin", "tfn", "pps", "ppsn", "bsn", "ahv", "avs", "nino", "dni", "nie", "nif",
+    "nir", "eta", "asap", "fyi", "tbd", "faq", "pdf",
+    "et", "utc", "gmt", "cet", "cest", "est", "edt", "cst", "cdt", "mst", "mdt", "pst", "pdt", "bst", "aest",
+})
 
 
 def _trimmed(e: Entity) -> Entity | None:
-    """The entity without the punctuation the model tagged at its edges ("Market St," -> "Market St"), or
-    None when what is left cannot be a name: no letter ("1930", "17.4.1") or a single character (a case
-    mark tagged without its word)."""
+    """The entity without the punctuation the model tagged at its edges ("Market St," -> "Market St") and,
+    for a PERSON, without leading titles ("Frau Schulze" -> "Schulze"), or None when what is left cannot
+    be a name: no letter ("1930", "17.4.1"), a single character (a case mark tagged without its word), a
+    title alone, or a word of NOT_ENTITIES ("DOB", "amex", "ET")."""
+    lead = len(e.text) - len(e.text.lstrip(_EDGE_PUNCTUATION))
     text = e.text.strip(_EDGE_PUNCTUATION)
-    if len(text) < 2 or not any(c.isalpha() for c in text):
+    while e.type == "PERSON" and (title := _TITLE.match(text)):
+        lead, text = lead + title.end(), text[title.end() :]
+    if len(text) < 2 or not any(c.isalpha() for c in text) or text.lower() in NOT_ENTITIES:
         return None
-    start = e.start + e.text.index(text)
+    start = e.start + lead
     return Entity(e.type, text, start, start + len(text), e.score, e.source, e.validated)
 
 

@@ -9,8 +9,9 @@ the format's own rule, so a number that only looks like PII is dropped:
 | `PHONE`          | `phonenumbers.PhoneNumberMatcher` per configured region     | libphonenumber validity (or a phone word)  |
 | `CARD`           | 13-19 digits, spaced or dashed consistently                 | Luhn + known IIN range and length          |
 | `IBAN`           | two letters, two check digits, country-length body          | per-country length + ISO 7064 mod-97       |
-| `NATIONAL_ID`    | US SSN, UK NI number, Spanish DNI/NIE, French NIR; any ID    | SSN invalid ranges, NI prefix rules, check |
-|                  | number after a context word ("ID card", "SSN", "tax ID")     | letters/keys; context words otherwise      |
+| `NATIONAL_ID`    | US SSN, UK NI number, Spanish DNI/NIE, French NIR; CA SIN,   | SSN invalid ranges, NI prefix rules, check |
+|                  | AU TFN, IE PPS, CH AHV, IT codice fiscale, NL BSN (pii_ids); | letters/keys; stdnum's checks (pii_ids);   |
+|                  | any ID number after a context word ("ID card", "SSN")        | context words otherwise                    |
 | `PASSPORT`       | an ID-shaped token after "passport", "Reisepass", ...        | context only (score below validated ones)  |
 | `DRIVER_LICENSE` | an ID-shaped token after "driver's license", "DL", ...       | context only                               |
 | `IP_ADDRESS`     | IPv6; IPv4 after "ip", "server", "ssh", ... (optional type)  | `ipaddress`; versions ("v1.2.3.4") skipped |
@@ -34,22 +35,14 @@ from typing import Any
 
 import phonenumbers
 
+from operators.pii_ids import CONTEXT_WORDS as COUNTRY_ID_WORDS
+from operators.pii_ids import UPPER_ONLY as COUNTRY_ID_UPPER_ONLY
+from operators.pii_ids import find_country_ids
+from operators.pii_spans import PatternMatch, resolve
+
 PATTERN_TYPES = ("EMAIL", "PHONE", "CARD", "IBAN", "NATIONAL_ID", "PASSPORT", "DRIVER_LICENSE",
                  "IP_ADDRESS", "URL_CREDENTIALS")
 DEFAULT_TYPES = PATTERN_TYPES
-
-
-@dataclass(frozen=True)
-class PatternMatch:
-    """One recognizer hit: `text == original[start:end]`, offsets in characters."""
-
-    type: str
-    text: str
-    start: int
-    end: int  # exclusive
-    score: float
-    validated: bool  # a checksum or a format rule confirmed it (not just a shape or a context word)
-    recognizer: str  # e.g. "card_luhn", "us_ssn", "phone"
 
 
 @dataclass(frozen=True)
@@ -218,13 +211,13 @@ _CONTEXT = {
                     "ausweis", "ausweisnummer", "steuer-id", "steuer id", "steuerid", "steueridentifikationsnummer",
                     "tax id", "tax number", "dni", "nie", "nif", "carte d'identité", "carte d’identité", "cni",
                     "numéro de sécu", "sécurité sociale", "securite sociale", "insee", "bsn", "aadhaar",
-                    "personnummer", "documento de identidad"],
+                    "personnummer", "documento de identidad", *COUNTRY_ID_WORDS],
 }
 _CONTEXT_RE = re.compile(
     r"(?<![\w])(" + "|".join(sorted((re.escape(w) for ws in _CONTEXT.values() for w in ws), key=len, reverse=True))
     + r")(?![\w])", re.IGNORECASE)
 _CONTEXT_TYPE = {w: t for t, ws in _CONTEXT.items() for w in ws}
-_UPPER_ONLY = {"dl", "dl#", "dl no", "nie", "nif", "dni", "cni", "bsn", "nino"}  # "nie" is German for never
+_UPPER_ONLY = {"dl", "dl#", "dl no", "nie", "nif", "dni", "cni", "bsn", "nino", *COUNTRY_ID_UPPER_ONLY}  # "nie": never
 _PHONE_WORDS = re.compile(r"(?<![\w])(?:phone|call|called|text|txt|sms|ring|mobile|cell|tel|whatsapp|landline|hotline|"
                           r"fax|telefon|telefonnummer|handy|handynummer|anrufen|ruf|téléphone|portable|tél|appelle|"
                           r"appelez|contactez|joindre|teléfono|móvil|llama|llámame|llamar)(?![\w])", re.IGNORECASE)
@@ -444,7 +437,8 @@ def find_pii(text: str, config: PatternConfig | None = None) -> list[PatternMatc
     if "IBAN" in want:
         hits += find_ibans(text)
     if "NATIONAL_ID" in want:
-        hits += find_national_ids(text, config.context_window)
+        # country checks first: of equal spans ("BSN 123456782", also SSN-shaped) the first kept names the number
+        hits += find_country_ids(text, config.context_window) + find_national_ids(text, config.context_window)
     if want & {"NATIONAL_ID", "PASSPORT", "DRIVER_LICENSE"}:
         hits += [h for h in find_context_ids(text, config.context_window) if h.type in want]
     if "IP_ADDRESS" in want:
@@ -452,23 +446,6 @@ def find_pii(text: str, config: PatternConfig | None = None) -> list[PatternMatc
     if "URL_CREDENTIALS" in want:
         hits += find_url_credentials(text)
     return resolve(hits)
-
-
-def rank_key(span: Any) -> tuple:
-    """The merge order of overlapping spans: validated first, then score, then length, then earlier."""
-    return (not getattr(span, "validated", False), -span.score, -(span.end - span.start), span.start)
-
-
-def resolve(spans: Iterable[Any]) -> list[Any]:
-    """Keep the best of every group of overlapping spans (by `rank_key`), in text order.
-
-    Works on anything with `start`, `end`, `score` and optionally `validated` (PatternMatch, ner.Entity).
-    """
-    kept: list[Any] = []
-    for span in sorted(spans, key=rank_key):
-        if all(span.end <= k.start or span.start >= k.end for k in kept):
-            kept.append(span)
-    return sorted(kept, key=lambda s: (s.start, s.end))
 
 
 def redact(text: str, entities: Iterable[dict[str, Any]], types: Iterable[str] | None = None) -> str:

@@ -148,3 +148,32 @@ def test_merge_trims_punctuation_the_model_tagged_at_entity_edges():
     assert (e.text, e.start, e.end) == ("Market St", 9, 18)
     assert merge_entities([Entity("ORG", "(", 0, 1, 0.9)], []) == []
     assert merge_entities([Entity("PERSON", "O'Brien", 0, 7, 0.9)], [])[0].text == "O'Brien"
+
+
+@pytest.mark.parametrize("text,name", [("Frau Schulze", "Schulze"), ("Dr. Ann Lee", "Ann Lee"), ("Mrs Patel", "Patel"),
+                                       ("Sra. López", "López"), ("Dr Herr Weber", "Weber")])
+def test_a_leading_title_is_outside_the_person_span(text, name):
+    """The annotation convention: titles (Mr, Dr, Frau) are not part of a PERSON."""
+    (e,) = merge_entities([Entity("PERSON", text, 10, 10 + len(text), 0.9)], [])
+    assert (e.text, e.start, e.end) == (name, 10 + text.index(name), 10 + len(text))
+
+
+@pytest.mark.parametrize("title", ["Frau", "Herr", "Mr.", "Dr", "Madame"])
+def test_a_title_alone_is_not_a_person(title):
+    assert merge_entities([Entity("PERSON", title, 0, len(title), 0.9)], []) == []
+
+
+@pytest.mark.parametrize("name", ["Drew", "Herrmann", "Mrázek", "Srinivasan", "Frauke"])
+def test_a_name_that_begins_like_a_title_is_kept_whole(name):
+    assert [e.text for e in merge_entities([Entity("PERSON", name, 0, len(name), 0.9)], [])] == [name]
+
+
+@pytest.mark.parametrize("kind,text", [("ORG", "amex"), ("ORG", "Visa"), ("ORG", "DOB"), ("ORG", "PIN"),
+                                       ("LOCATION", "DL"), ("LOCATION", "ET"), ("ORG", "IBAN")])
+def test_card_networks_form_abbreviations_and_time_zones_are_not_entities(kind, text):
+    """Closed classes the conventions never annotate, whatever the model reads in them."""
+    assert merge_entities([Entity(kind, text, 0, len(text), 0.99)], []) == []
+
+
+def test_a_title_is_kept_inside_an_organisation_name():
+    assert [e.text for e in merge_entities([Entity("ORG", "Dr. Oetker", 0, 10, 0.9)], [])] == ["Dr. Oetker"]
