@@ -21,8 +21,8 @@ from streams import metrics, web
 from streams.batches import batches_of, use_batching_consumer
 from streams.config import Settings
 from streams.cores import share_cores
-from streams.memory import tune_malloc
 from streams.kafka import PartitionsByKey
+from streams.memory import tune_malloc
 from streams.moderation import ModerationPipeline, source_of
 from streams.ordered import OrderedAcker, Output
 from streams.schemas import EVENTS, FRAMES, POSTS, RECOMMENDATION_REQUESTS, VERDICTS
