@@ -255,7 +255,7 @@ def build_worker_app(settings: Settings) -> faust.App:
             partition = await partition_of(output.topic, output.partition_key)
         return await app.producer.send(output.topic, output.key, output.value, partition, None, output.headers)
 
-    _ordered_agent(app, settings, FRAMES, moderation.handle_frames, send)
+    _ordered_agent(app, settings, FRAMES, moderation.handle_frames, send, max_in_flight=settings.frames_max_in_flight)
     _ordered_agent(app, settings, POSTS, moderation.handle_posts, send)
     _recommendation_agent(app, settings, send)
     # without an image check no verdict can raise an alert: no agent reading every verdict back
