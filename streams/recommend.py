@@ -84,14 +84,20 @@ class StateStore:
             log.info("recovered %d user states of partition %d in %.2fs", n, partition, time.monotonic() - started)
 
     async def _recover(self, partition: int) -> int:
-        users = 0
+        """Each user's last snapshot in the partition. Only the last one of a key is parsed: a changelog
+        holds one snapshot per event until compaction (never, on tansu), and parsing them all took a
+        takeover 85 s for 1,500 users after 50 minutes of the soak, while that partition's events waited."""
+        latest: dict[bytes | None, bytes] = {}
         async with aclosing(read_to_high_watermark(self.settings, self.topic, [partition])) as snapshots:
             async for r in snapshots:
                 if r.value:
-                    state = UserState.from_dict(json.loads(r.value))
-                    users += state.user_id not in self.states
-                    self.states[state.user_id] = state
-                    self.partition_of[state.user_id] = partition
+                    latest[r.key] = r.value  # keyed by user id; a later snapshot replaces an earlier one
+        users = 0
+        for value in latest.values():
+            state = UserState.from_dict(json.loads(value))
+            users += state.user_id not in self.states
+            self.states[state.user_id] = state
+            self.partition_of[state.user_id] = partition
         return users
 
     def forget(self, partitions: set[int]) -> None:
