@@ -65,8 +65,9 @@ class Settings:
     # (never smaller than what every model reading the image resizes to); false: always full size
     decode_reduced: bool = True
     max_in_flight: int = 1024  # records decoded/inferring per agent before consuming pauses
-    # frames hold their decoded and preprocessed tensors (~1.5 MB each with the default policy) while
-    # they wait: 1024 of them took a worker catching up a backlog to 2.5 GB; 128 keep 8 batches queued
+    # frames hold their decoded and preprocessed tensors while they wait (~1.1 MB at 640x480 with the
+    # default policy): catching up a backlog, 1024 in flight peaked at 2.36 GB, 128 at 1.35 GB, same
+    # speed (bench/backlog_memory.py); 128 keep 8 batches of 16 queued
     frames_max_in_flight: int = 128
     max_batch_records: int = 256  # records an agent takes from its stream at once (one batch of work)
     # Recommendations
