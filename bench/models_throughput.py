@@ -316,7 +316,7 @@ def run_pipeline(base: Settings, broker: EmbeddedBroker, spec: ModelSpec, task: 
     # The worker decodes/tokenises up to max_in_flight records ahead of inference: before the first verdict
     # that work is already done for the first ~max_in_flight records, and the last ~max_in_flight verdicts
     # need none. Steady state is the window in between; first-to-last is kept for comparison.
-    ahead = settings.max_in_flight
+    ahead = settings.frames_max_in_flight if kind == "frames" else settings.max_in_flight
     lo, hi = ahead, got_n - ahead
     steady_covers_in_flight = hi - lo >= got_n // 4
     if not steady_covers_in_flight:

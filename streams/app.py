@@ -106,7 +106,9 @@ def _ordered_agent(app: faust.App, settings: Settings, topic_name: str, handle_b
     it (e.g. the recommender loop)."""
     limit = max_in_flight or settings.max_in_flight
     names = [settings.topic(n) for n in (topic_name, *more_topics)]
-    chunk = max(1, min(settings.max_batch_records, limit))
+    # a quarter of the limit at most: the next chunk is taken while earlier ones are still in flight
+    # (with chunk == limit each waited for the whole previous one: frames at 128 in flight ran 30% slower)
+    chunk = max(1, min(settings.max_batch_records, limit // 4))
 
     @app.agent(raw_topic(app, settings, topic_name, *more_topics), name=topic_name)
     async def agent(stream):  # the stream subscribes the topics; records arrive through batches_of

@@ -57,10 +57,11 @@ class Settings:
     intra_op_spinning: bool = False  # let ONNX Runtime's threads busy-wait between operators
     decode_threads: int = 0  # JPEG decode/preprocess threads; 0 = one per usable core
     gil_switch_interval_ms: float = 0.5  # Python's default is 5 ms; 0 leaves it
-    # glibc malloc (streams/memory.py has the measured reason): arenas for all threads, and the size
-    # from which a buffer is mapped on its own and returned when freed; 0 leaves glibc's default
-    malloc_arenas: int = 2
-    malloc_mmap_threshold_kb: int = 256
+    # glibc malloc (streams/memory.py has the measurements): arenas for all threads, and the size from
+    # which a buffer is mapped on its own and returned when freed; 0 (the default) leaves glibc's own:
+    # 2 and 256 cost frames 17% of their speed, and the soak did not show them keeping memory flat
+    malloc_arenas: int = 0
+    malloc_mmap_threshold_kb: int = 0
     # JPEGs at least twice a model's input are decoded at 1/2, 1/4 or 1/8 scale in libjpeg's DCT
     # (never smaller than what every model reading the image resizes to); false: always full size
     decode_reduced: bool = True

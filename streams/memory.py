@@ -1,13 +1,15 @@
-"""How a long-running worker asks glibc's malloc to give memory back.
+"""glibc malloc settings for a long-running worker, off by default (`malloc_arenas`,
+`malloc_mmap_threshold_kb`: 0 leaves glibc's own).
 
-Measured in the 60-minute soak (session 4): a worker's RSS grew from 1.45 to 2.43 GB in 22 minutes
-of load with faults, and /proc/<pid>/smaps put it in 18 glibc per-thread arenas of 64 MB, each fully
-resident. Every thread that allocates (decode and tokenize threads, each model's batch thread, ONNX
-Runtime's, aiokafka's) gets an arena of its own; large short-lived buffers (decoded frames, batch
-tensors) land in them once glibc's dynamic mmap threshold has risen past their size (it rises to
-32 MB after the first such buffer is freed), and what is freed there stays, fragmented. Two settings
-stop that: few arenas (`malloc_arenas`), and a fixed mmap threshold (`malloc_mmap_threshold_kb`), so
-a large buffer is mapped on its own and returned to the system when freed.
+Why they exist: in the 60-minute soak (session 4) a worker's RSS grew from 1.45 to 2.43 GB in 22
+minutes, and /proc/<pid>/smaps put it in 18 glibc per-thread arenas of 64 MB, each fully resident.
+Every thread that allocates gets an arena; large short-lived buffers (decoded frames, batch tensors)
+land in them once glibc's dynamic mmap threshold has risen past their size, and what is freed there
+can stay. Few arenas and a fixed mmap threshold are the usual remedy.
+
+Why they are off: measured, 2 arenas and a 256 KB threshold cost frames 17% of their speed
+(bench/record_path.py: 138 vs 166 frames/s), and a soak with them on still grew (the growth was mostly
+frames held in flight during takeovers: see `frames_max_in_flight`).
 """
 
 from __future__ import annotations
