@@ -236,16 +236,16 @@ def criteria(by_name: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if fixed and controller:
         f_low, c_low = fixed["low"]["p99_ms"], controller["low"]["p99_ms"]
         out["low_p99_ms"] = {"fixed": f_low, "controller": c_low, "target": TARGET_P99_MS,
-                             "met": c_low is not None and f_low is not None and c_low <= f_low and c_low <= TARGET_P99_MS}
+                             "met": bool(c_low is not None and f_low is not None and c_low <= f_low and c_low <= TARGET_P99_MS)}
         f_fps, c_fps = fixed["overload"]["frames_per_s"], controller["overload"]["frames_per_s"]
         ratio = c_fps / f_fps if c_fps and f_fps else None
-        out["overload_throughput_vs_fixed"] = {"ratio": ratio, "met": ratio is not None and ratio >= 0.95}
+        out["overload_throughput_vs_fixed"] = {"ratio": ratio, "met": bool(ratio is not None and ratio >= 0.95)}
     if ladder:
         lag = ladder["lag_during_overload"]
-        out["ladder_lag_not_growing"] = {**lag, "met": lag["at_end"] is not None and lag["after_20s"] is not None
-                                         and lag["at_end"] <= max(lag["after_20s"], 1) * 1.1}
+        out["ladder_lag_not_growing"] = {**lag, "met": bool(lag["at_end"] is not None and lag["after_20s"] is not None
+                                         and lag["at_end"] <= max(lag["after_20s"], 1) * 1.1)}
         back = ladder["full_quality_s_after_overload"]
-        out["ladder_full_quality_within_30s"] = {"seconds": back, "met": back is not None and back <= 30}
+        out["ladder_full_quality_within_30s"] = {"seconds": back, "met": bool(back is not None and back <= 30)}
     return out
 
 
