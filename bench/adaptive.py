@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.frames_throughput import sample_frames  # noqa: E402
-from bench.harness import Worker, collect  # noqa: E402
+from bench.harness import Worker, collect, produced_per_s, reading  # noqa: E402
 from operators.images import encode_image  # noqa: E402
 from streams.broker import EmbeddedBroker, free_port  # noqa: E402
 from streams.config import Settings  # noqa: E402
@@ -190,20 +190,17 @@ def capacity(base: Settings, broker: EmbeddedBroker, repo: Path, frames: list[by
     asyncio.run(ensure_topics(settings))
     asyncio.run(play(settings, frames, size, [(100000, n / 100000)]))
     worker = Worker(settings, work / "worker-capacity.log")
-    verdicts: list[tuple[int, dict]] = []
-    stop = threading.Event()
-    reader = threading.Thread(target=lambda: asyncio.run(collect(settings, VERDICTS, stop, verdicts)), daemon=True)
-    reader.start()
-    try:
-        deadline = time.monotonic() + 300
-        while len(verdicts) < n and time.monotonic() < deadline:
-            time.sleep(0.2)
-    finally:
-        stop.set()
-        reader.join(10)
-        worker.stop()
-    produced = sorted(v["produced_at_ms"] for _, v in verdicts)
-    return (len(produced) - 1) / ((produced[-1] - produced[0]) / 1000)
+    with reading(settings, VERDICTS) as verdicts:
+        try:
+            deadline = time.monotonic() + 300
+            while len(verdicts) < n and time.monotonic() < deadline:
+                time.sleep(0.2)
+        finally:
+            worker.stop()
+    rate = produced_per_s(verdicts)
+    if rate is None:
+        raise RuntimeError(f"capacity: {len(verdicts)} verdicts of {n} frames; see {work / 'worker-capacity.log'}")
+    return rate
 
 
 def best_fixed(base: Settings, broker: EmbeddedBroker, frames: list[bytes], size, work: Path, cap: float,

@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.frames_throughput import publish, sample_frames  # noqa: E402
-from bench.harness import Worker, collect, rss_bytes  # noqa: E402
+from bench.harness import Worker, produced_per_s, reading, rss_bytes  # noqa: E402
 from streams.broker import EmbeddedBroker, free_port  # noqa: E402
 from streams.config import Settings  # noqa: E402
 from streams.kafka import ensure_topics  # noqa: E402
@@ -37,27 +36,21 @@ def run(base: Settings, limit: int, frames, work: Path) -> dict:
     settings = base.replace(topic_prefix=f"{tag}-", app_id=tag, frames_max_in_flight=limit, web_port=free_port())
     asyncio.run(ensure_topics(settings))
     asyncio.run(publish(settings, frames, rate=None))
-    verdicts: list[tuple[int, dict]] = []
-    stop = threading.Event()
-    reader = threading.Thread(target=lambda: asyncio.run(collect(settings, VERDICTS, stop, verdicts)), daemon=True)
-    reader.start()
-    worker = Worker(settings, work / f"worker-{limit}.log")
     rss: list[float] = []
-    try:
-        deadline = time.monotonic() + 600
-        while len(verdicts) < len(frames) and time.monotonic() < deadline and worker.alive():
-            if (b := rss_bytes(worker.pid)) is not None:
-                rss.append(b / MB)
-            time.sleep(0.2)
-    finally:
-        stop.set()
-        reader.join(10)
-        worker.stop()
-    produced = sorted(v["produced_at_ms"] for _, v in verdicts)
-    span = (produced[-1] - produced[0]) / 1000 if len(produced) > 1 else 0
+    with reading(settings, VERDICTS) as verdicts:
+        worker = Worker(settings, work / f"worker-{limit}.log")
+        try:
+            deadline = time.monotonic() + 600
+            while len(verdicts) < len(frames) and time.monotonic() < deadline and worker.alive():
+                if (b := rss_bytes(worker.pid)) is not None:
+                    rss.append(b / MB)
+                time.sleep(0.2)
+        finally:
+            worker.stop()
+    rate = produced_per_s(verdicts)
     return {"frames_max_in_flight": limit, "verdicts": len(verdicts), "peak_rss_mb": round(max(rss, default=0), 1),
             "rss_at_end_mb": round(rss[-1], 1) if rss else None,
-            "frames_per_s": round((len(produced) - 1) / span, 1) if span else None}
+            "frames_per_s": round(rate, 1) if rate else None}
 
 
 def main() -> int:

@@ -15,6 +15,8 @@ import subprocess
 import sys
 import threading
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from streams.config import Settings
@@ -127,3 +129,24 @@ async def collect(settings: Settings, topic: str, stop: threading.Event, out: li
                 out.extend((m.timestamp, json.loads(m.value)) for m in msgs)
     finally:
         await kafka.stop()
+
+
+@contextmanager
+def reading(settings: Settings, topic: str) -> Iterator[list[tuple[int, dict]]]:
+    """`collect` in a thread of its own for the body of the `with`: the list fills as records arrive."""
+    out: list[tuple[int, dict]] = []
+    stop = threading.Event()
+    reader = threading.Thread(target=lambda: asyncio.run(collect(settings, topic, stop, out)), daemon=True)
+    reader.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        reader.join(10)
+
+
+def produced_per_s(records: list[tuple[int, dict]]) -> float | None:
+    """Records per second between the first and the last `produced_at_ms` (None for fewer than two)."""
+    produced = sorted(v["produced_at_ms"] for _, v in records)
+    span = (produced[-1] - produced[0]) / 1000 if len(produced) > 1 else 0
+    return (len(produced) - 1) / span if span > 0 else None
