@@ -145,11 +145,6 @@ class AlertPipeline:
             applied[i][1].append(self.store.snapshot(stream))
         return [outputs for _, outputs in applied]
 
-    async def handle(self, source: SourceRecord) -> list[Output]:
-        """One verdict's outputs: its alerts and, when it changed its stream, the stream's snapshot."""
-        stream, outputs = await self._apply(source)
-        return outputs + ([self.store.snapshot(stream)] if stream is not None else [])
-
     async def _apply(self, source: SourceRecord) -> tuple[str | None, list[Output]]:
         """(the stream it changed or None, the alerts it raised and any sent again at recovery)."""
         if not source.value or _FRAME_MARK not in source.value:

@@ -41,7 +41,7 @@ async def process(settings, sources, drop=lambda o: False) -> list[Output]:
     """One worker's life: handle `sources` in order, deliver every output except the dropped ones."""
     pipeline, outputs = AlertPipeline(settings, RULE), []
     for source in sources:
-        outputs += await pipeline.handle(source)
+        outputs += (await pipeline.handle_batch([source]))[0]
     await deliver(settings, [o for o in outputs if not drop(o)])
     return outputs
 
@@ -98,13 +98,13 @@ def test_a_revoked_partition_is_recovered_when_it_comes_back(topics, run):
     async def revoke_midway() -> list[Output]:
         pipeline, outputs = AlertPipeline(settings, RULE), []
         for source in sources[:4]:
-            outputs += await pipeline.handle(source)
+            outputs += (await pipeline.handle_batch([source]))[0]
         await deliver(settings, outputs)
         pipeline.store.forget({0})
         assert pipeline.store.streams == {}
         later = []
         for source in sources[4:]:
-            later += await pipeline.handle(source)
+            later += (await pipeline.handle_batch([source]))[0]
         await deliver(settings, later)
         return later
 
