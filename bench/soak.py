@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -288,6 +289,52 @@ async def sampler(run: Run, broker: EmbeddedBroker, samples: list[dict], stop: a
             pass
 
 
+def debug_state(worker: Worker, tasks: bool) -> dict[str, Any] | None:
+    try:
+        url = f"http://127.0.0.1:{worker.settings.web_port}/debug/state?tasks={int(tasks)}"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return json.loads(r.read())
+    except (OSError, ValueError):
+        return None
+
+
+async def stall_watch(run: Run, stop: asyncio.Event, stall_s: float) -> None:
+    """A partition a live worker holds with lag whose committed offset has not moved for `stall_s`: the
+    worker's whole /debug/state (task stacks included) is saved beside the logs and noted, once per
+    episode, so a stall is explained by what the worker was waiting on at the time."""
+    since: dict[tuple[int, str, int], tuple[int | None, float]] = {}  # (pid, topic, partition) -> (committed, moved at)
+    reported: set[tuple[int, str, int, int | None]] = set()
+    while not stop.is_set():
+        for slot, worker in list(run.slots.items()):
+            if worker is None or not worker.alive():
+                continue
+            state = await asyncio.to_thread(debug_state, worker, False)
+            consumer = (state or {}).get("consumer")
+            if not isinstance(consumer, dict):
+                continue
+            now = time.monotonic()
+            stalled = []
+            for p in consumer["partitions"]:
+                key = (worker.pid, p["topic"], p["partition"])
+                behind = p["highwater"] is not None and p["highwater"] > (p["committed"] or 0)
+                if key not in since or since[key][0] != p["committed"] or not behind:
+                    since[key] = (p["committed"], now)
+                elif now - since[key][1] >= stall_s and (*key, p["committed"]) not in reported:
+                    reported.add((*key, p["committed"]))
+                    stalled.append(p)
+            if stalled:
+                full = await asyncio.to_thread(debug_state, worker, True)
+                path = run.work / f"stall-{slot}-{worker.pid}-{int(run.t())}s.json"
+                path.write_text(json.dumps({"consumer": consumer, "full": full}, indent=1, default=str))
+                run.note("stall", slot=slot, pid=worker.pid, seconds=stall_s, state=str(path),
+                         partitions=[{k: p[k] for k in ("topic", "partition", "committed", "highwater", "fetching",
+                                                        "paused", "position", "read_offset") if k in p} for p in stalled])
+        try:
+            await asyncio.wait_for(stop.wait(), 10)
+        except TimeoutError:
+            pass
+
+
 async def soak(run: Run, broker: EmbeddedBroker, repo: Path, rates: dict[str, float], args: argparse.Namespace,
                samples: list[dict]) -> None:
     stop = asyncio.Event()
@@ -296,6 +343,7 @@ async def soak(run: Run, broker: EmbeddedBroker, repo: Path, rates: dict[str, fl
     await run.kafka.start()
     collector = asyncio.create_task(run.collect(stop))
     sampling = asyncio.create_task(sampler(run, broker, samples, stop))
+    watching = asyncio.create_task(stall_watch(run, stop, args.stall_s))
     run.start_worker("A")
     run.start_worker("B")
     supervisor = asyncio.create_task(run.supervisor())
@@ -329,7 +377,7 @@ async def soak(run: Run, broker: EmbeddedBroker, repo: Path, rates: dict[str, fl
                 run.note("stop", slot=slot, pid=worker.pid, code=worker.stop())
         await run.kafka.stop()
         stop.set()
-        await asyncio.gather(collector, sampling)
+        await asyncio.gather(collector, sampling, watching)
 
 
 def code_state() -> dict[str, Any]:
@@ -352,6 +400,8 @@ def main() -> int:
     parser.add_argument("--poison-every", type=int, default=1000)
     parser.add_argument("--drain-s", type=float, default=600)
     parser.add_argument("--settle-s", type=float, default=120, help="end the drain when nothing moved for this long")
+    parser.add_argument("--stall-s", type=float, default=60,
+                        help="save a worker's /debug/state when a partition it holds has lag and no commit for this long")
     parser.add_argument("--frame-size", default="320x240")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "soak.json"))
     parser.add_argument("--png", default=str(ROOT / "docs" / "soak.png"))

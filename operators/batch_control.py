@@ -7,12 +7,16 @@ spends in the batcher (queued, waiting, run):
 
 - warm-up (fewer than `warm_up` batches seen) or `adaptive=False`: the fixed rule, up to
   `max_batch_size` items, waiting up to `max_wait_s` after the first one;
-- backlog (items queued >= `max_batch_size`, or a consumer-lag hint of as many records): take up to
-  `max_batch_size`, the throughput-optimal size (cost per item a/n + b falls with n), and with a lag
-  hint wait for a full batch when the arrival rate fills it in time;
+- backlog (items queued >= `max_batch_size`, or a consumer-lag hint of as many records): the
+  throughput-optimal size, measured rather than assumed (`ThroughputSizes`): the linear fit says
+  bigger is always cheaper per item, but on a small CPU the cost per item rises again past some size
+  (caches, memory bandwidth: frames on 2 cores were cheapest per item at 4-8 and 15% dearer at 32).
+  Under backlog each candidate size (powers of two up to `max_batch_size`) is tried a few times, the
+  one with the lowest median seconds per item is used, and its neighbours are re-measured now and
+  then; with a lag hint it waits for that batch when the arrival rate fills it in time;
 - otherwise the smallest batch that keeps the model busy at most `max_utilisation` of the time at
-  the arrival rate seen (`rate * (a/n + b) <= max_utilisation`); at low load that is one item,
-  dispatched at once;
+  the arrival rate seen (`rate * (a/n + b) <= max_utilisation`), never above the measured
+  throughput-optimal size; at low load that is one item, dispatched at once;
 - wait for the wanted size only while the arrival rate can fill it before the oldest item's latest
   dispatch time (`oldest arrival + target - cost(batch)`); dispatch at once otherwise;
 - never take more items than keep the oldest item's expected completion within the target, when
@@ -93,11 +97,14 @@ class BatchController:
         self._arrived_items = 0  # sum of the counts in _arrivals (plan() runs on every wake: no re-summing)
         self._seen = 0
         self._lag = 0
+        self.sizes = ThroughputSizes(max_batch_size)
+        self._backlog_size: int | None = None  # the size the current plan asks of a backlog batch
 
     # ------------------------------------------------------------------------------ what it learns
     def observe(self, size: int, seconds: float) -> None:
         """One batch of `size` items ran in `seconds`."""
         self._batches.append((size, seconds))
+        self.sizes.observe(size, seconds, self._backlog_size)
         self._seen += 1
         if self._seen >= self.warm_up and (self.cost is None or self._seen % self.refit_every == 0):
             self.cost = fit_cost(self._batches)
@@ -143,6 +150,7 @@ class BatchController:
         """The next batch's limits, given `in_hand` items available for it (taken or queued), the
         oldest one's arrival time and when collecting this batch began (all on the controller's clock)."""
         if not self.adaptive or self.cost is None:
+            self._backlog_size = None
             plan = Plan(self.max_batch_size, started + self.max_wait_s)
         else:
             plan = self._steer(in_hand, oldest_arrival, self.clock())
@@ -155,13 +163,16 @@ class BatchController:
         budget = oldest_arrival + self.target_s - now  # what the oldest item has left
         # largest batch the oldest item can still afford; none affordable: the target is out of reach
         affordable = math.floor((budget - a) / b) if b > 0 else (top if budget >= a else 0)
+        self._backlog_size = None
         if self._lag >= top:  # records are late upstream already: throughput first
-            limit = want = top
+            limit = want = self._backlog_size = self.sizes.next_under_backlog()
         elif in_hand >= top:
-            limit = want = min(top, affordable) if affordable >= 1 else top
+            best = self.sizes.next_under_backlog()
+            limit = want = min(best, affordable) if affordable >= 1 else best
+            self._backlog_size = best if want == best else None
         else:
             limit = min(top, affordable) if affordable >= 1 else top
-            want = min(limit, self._size_to_keep_up(a, b, now))
+            want = min(limit, self._size_to_keep_up(a, b, now), self.sizes.best())
         if in_hand >= want:
             return Plan(limit, now)
         rate = self.arrival_rate(now)
@@ -176,8 +187,94 @@ class BatchController:
         rate = self.arrival_rate(now)
         spare = self.max_utilisation - rate * b
         if spare <= 0:
-            return self.max_batch_size
+            return self.sizes.best()
         return max(1, min(self.max_batch_size, math.ceil(rate * a / spare - 1e-9)))
+
+
+class ThroughputSizes:
+    """Which batch size serves the most items per second, measured: the median seconds per item of the
+    last `samples` batches of each candidate size (the powers of two below `top`, and `top`).
+
+    Under backlog (`next_under_backlog`) a candidate with fewer than `samples` measurements is tried
+    first, largest first (what a linear cost model would pick); then the best one is used, and after
+    every `revisit_every` batches at it, one neighbour is measured `samples` times again (up and down
+    in turn), so the choice follows a cost curve that moves (another model loaded, a busier machine).
+    A size that backlog batches never reach (fewer items in flight than it) is dropped after `samples`
+    misses in a row.
+    State advances as batches are observed, never as plans are asked for (a batch is planned on every
+    wake of its collection).
+
+    >>> s = ThroughputSizes(8, samples=1)
+    >>> s.next_under_backlog()  # nothing measured yet: each size once, largest first
+    8
+    >>> for n, seconds in ((8, 0.040), (4, 0.012), (2, 0.008), (1, 0.005)):
+    ...     s.observe(n, seconds, wanted=n)
+    >>> s.best(), s.next_under_backlog()  # 3 ms per item at 4 beats 5 ms at 8, 4 ms at 2 and 5 ms at 1
+    (4, 4)
+    """
+
+    def __init__(self, top: int, samples: int = 3, revisit_every: int = 32) -> None:
+        self.candidates = sorted({*(2**k for k in range(top.bit_length()) if 2**k < top), top})
+        self.samples = max(samples, 1)
+        self.revisit_every = max(revisit_every, 1)
+        self._per_item: dict[int, deque[float]] = {n: deque(maxlen=self.samples) for n in self.candidates}
+        self._misses = dict.fromkeys(self.candidates, 0)
+        self._at_best = 0  # batches at the best size since the last revisit
+        self._revisits = 0
+        self._revisit: list[int] | None = None  # [size, measurements still wanted]
+
+    def observe(self, size: int, seconds: float, wanted: int | None = None) -> None:
+        """A batch of `size` ran in `seconds`; `wanted`: the size a backlog plan asked it to be (None:
+        not planned under backlog)."""
+        if size in self._per_item:
+            self._per_item[size].append(seconds / size)
+        if wanted is None:
+            return
+        if size < wanted and wanted in self._misses:  # could not fill to the size wanted
+            self._misses[wanted] += 1
+            if self._misses[wanted] >= self.samples and len(self.candidates) > 1:
+                self.candidates.remove(wanted)
+                self._revisit = None
+            return
+        self._misses[size] = 0
+        if self._revisit is not None and size == self._revisit[0]:
+            self._revisit[1] -= 1
+            if not self._revisit[1]:
+                self._revisit = None
+        elif size == self.best() and not self._unknown():
+            self._at_best += 1
+            if self._at_best >= self.revisit_every:
+                self._at_best = 0
+                self._start_revisit()
+
+    def per_item(self, size: int) -> float | None:
+        """Median seconds per item at `size` (None: not measured)."""
+        seen = sorted(self._per_item[size])
+        return seen[len(seen) // 2] if seen else None
+
+    def best(self) -> int:
+        """The measured size with the lowest cost per item; the largest candidate while none is measured."""
+        measured = [(cost, n) for n in self.candidates if (cost := self.per_item(n)) is not None]
+        return min(measured)[1] if measured else self.candidates[-1]
+
+    def next_under_backlog(self) -> int:
+        """The size of the next batch while a backlog lasts: exploring, revisiting, or the best."""
+        unknown = self._unknown()
+        if unknown:
+            return unknown[-1]
+        return self._revisit[0] if self._revisit is not None else self.best()
+
+    def _unknown(self) -> list[int]:
+        return [n for n in self.candidates if len(self._per_item[n]) < self.samples]
+
+    def _start_revisit(self) -> None:
+        i = self.candidates.index(self.best())
+        self._revisits += 1
+        order = (i + 1, i - 1) if self._revisits % 2 else (i - 1, i + 1)
+        for j in order:
+            if 0 <= j < len(self.candidates):
+                self._revisit = [self.candidates[j], self.samples]
+                return
 
 
 def fit_cost(batches) -> tuple[float, float]:

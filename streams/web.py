@@ -34,7 +34,7 @@ from aiohttp.web_exceptions import HTTPException, HTTPRequestEntityTooLarge
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from streams import metrics
+from streams import diagnostics, metrics
 from streams.admission import MODERATE
 from streams.serving_api import ADMIN_ACTIONS, ApiError, ServingAPI
 
@@ -59,6 +59,9 @@ class WorkerState:
 
 
 def install(app: faust.App, state: WorkerState) -> None:
+    """/metrics, /health, /ready, and what the worker is waiting on (/debug/state, SIGUSR1)."""
+    diagnostics.install(app)
+
     @app.on_partitions_assigned.connect
     async def _assigned(sender, assigned, **kwargs) -> None:
         state.joined = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import urllib.request
 
 import pytest
@@ -57,6 +58,21 @@ def test_worker_metrics_count_what_flowed_through_it(settings, start_worker, run
     unsafe = value(m, "inferstream_verdicts_total", kind="frame", safe="false") or 0
     assert safe + unsafe == n and (value(m, "inferstream_violations_total", check="objects") or 0) == unsafe
     assert value(m, "inferstream_consumer_lag_available") == 1
+
+    # /debug/state: every frames partition fetched, committed up to what was sent; the agent's task waits
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/debug/state", timeout=5) as r:
+        state = json.loads(r.read())
+    mine = [p for p in state["consumer"]["partitions"] if p["topic"] == frames]
+    assert mine and all(p["fetching"] and not p["paused"] for p in mine)
+    assert sum(p["highwater"] for p in mine) == n + 1
+    assert all(p["committed"] == p["highwater"] and p["acked_not_committed"] == 0 for p in mine if p["highwater"])
+    assert state["consumer"]["flow_active"] and not state["consumer"]["suspended"]
+    # each agent's task waits for its next fetch: in batches_of's queue, under the agent in streams/app.py
+    waiting = [t["frames"] for t in state["tasks"] if t["coroutine"] == "Agent._execute_actor"]
+    assert waiting and all(f[0].startswith("queues.py:") and " batches_of" in f[1] and " agent" in f[2] for f in waiting)
+    # SIGUSR1 logs the same report
+    worker.proc.send_signal(signal.SIGUSR1)
+    assert wait_until(lambda: "diagnostics (SIGUSR1)" in worker.log() and f"'topic': '{frames}'" in worker.log(), 10)
 
 
 def test_ready_reports_models_and_group_membership(settings, start_worker, run):

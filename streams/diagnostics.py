@@ -1,0 +1,134 @@
+"""What a running worker is waiting on, on demand: `kill -USR1 <pid>` logs it, `GET /debug/state` returns it
+(`?tasks=0`: the consumer only, cheap enough to poll).
+
+A worker that holds partitions with lag and does nothing shows no exception and, under py-spy, only
+threads waiting on the event loop: the answer is in its asyncio tasks and in the consumer's
+bookkeeping. So this reports both:
+
+- every task's innermost frames, identical stacks grouped with a count (a worker has thousands of
+  tasks, most of them records waiting for their batch or their debounced list);
+- per assigned partition: whether Faust fetches it (active, paused, buffered), aiokafka's position and
+  high watermark, Faust's read and committed offsets, acked offsets not yet committed, and gaps;
+- whether the flow is suspended (a rebalance in progress) and how many messages are unacked.
+
+Reads private Faust and aiokafka state (faust-streaming 0.15.3, pinned): nothing is changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import signal
+from collections import Counter
+from typing import Any
+
+import faust
+from faust.web import Request, Response, View
+
+log = logging.getLogger(__name__)
+
+STACK_FRAMES = 6  # innermost frames per task: enough to see what it awaits
+
+
+def task_stacks(limit: int = STACK_FRAMES) -> list[dict[str, Any]]:
+    """Every pending task of the running loop as its await chain (innermost `limit` frames first, then
+    what the innermost awaits), identical ones grouped, most first."""
+    groups: Counter[tuple[str, ...]] = Counter()
+    for task in asyncio.all_tasks():
+        coro = task.get_coro()
+        groups[(getattr(coro, "__qualname__", type(coro).__name__), *_await_chain(coro, limit))] += 1
+    return [{"count": n, "coroutine": key[0], "frames": list(key[1:])} for key, n in groups.most_common()]
+
+
+def _await_chain(coro: Any, limit: int) -> list[str]:
+    """The frames a suspended coroutine is awaiting through (Task.get_stack gives only the outermost),
+    innermost first, then what the innermost awaits (a future, an event). Wrappers without a frame of
+    their own (an async generator's `asend`, the `coroutine_wrapper` of an awaitable object) are seen
+    through by the coroutine or generator they hold."""
+    frames, node = [], coro
+    for _ in range(64):  # a bound: await chains are short, but never loop on a cycle
+        frame = next((f for a in ("cr_frame", "ag_frame", "gi_frame") if (f := getattr(node, a, None)) is not None), None)
+        if frame is None:
+            held = [r for r in gc.get_referents(node) if any(getattr(r, a, None) is not None
+                                                             for a in ("cr_frame", "ag_frame", "gi_frame"))]
+            if len(held) != 1:
+                break
+            node = held[0]
+            continue
+        frames.append(f"{frame.f_code.co_filename.rsplit('/', 2)[-1]}:{frame.f_lineno} {frame.f_code.co_name}")
+        node = next((n for a in ("cr_await", "ag_await", "gi_yieldfrom") if (n := getattr(node, a, None)) is not None), None)
+        if node is None:
+            break
+    chain = frames[::-1][:limit]
+    return chain + [f"awaits {type(node).__name__}"] if node is not None else chain
+
+
+def consumer_state(app: faust.App) -> dict[str, Any]:
+    """The consumer's view of each assigned partition, and the flow."""
+    consumer = app.consumer
+    thread = getattr(consumer, "_thread", None)
+    kafka = getattr(thread, "_ensure_consumer", lambda: None)() if thread is not None else None
+    active = consumer._active_partitions or set()
+    partitions = []
+    for tp in sorted(consumer.assignment()):
+        row: dict[str, Any] = {
+            "topic": tp.topic, "partition": tp.partition,
+            "fetching": tp in active, "paused": tp in consumer._paused_partitions,
+            "buffered": tp in consumer._buffered_partitions,
+            "read_offset": consumer._read_offset.get(tp), "committed": consumer._committed_offset.get(tp),
+            "acked_not_committed": len(consumer._acked.get(tp, ())),
+            "gaps": len(consumer._gap.get(tp, ())), "highwater": consumer.highwater(tp),
+        }
+        if kafka is not None:
+            try:
+                row["position"] = kafka._fetcher._subscriptions.subscription.assignment.state_value(tp).position
+                row["aiokafka_paused"] = kafka._fetcher._subscriptions.subscription.assignment.state_value(tp).paused
+            except Exception as exc:  # noqa: BLE001 - diagnostics must never fail the worker
+                row["position"] = f"unknown ({type(exc).__name__})"
+        partitions.append(row)
+    return {
+        "flow_active": consumer.flow_active, "flow_control_active": app.flow_control.is_active(),
+        "suspended": consumer.suspend_flow.is_set(), "rebalancing": app.rebalancing,
+        "unacked_messages": len(consumer._unacked_messages), "generation": app.consumer_generation_id,
+        "partitions": partitions,
+    }
+
+
+def state(app: faust.App, tasks: bool = True) -> dict[str, Any]:
+    out: dict[str, Any] = {"tasks": task_stacks() if tasks else []}
+    try:
+        out["consumer"] = consumer_state(app)
+    except Exception as exc:  # noqa: BLE001 - e.g. before the consumer exists
+        out["consumer"] = f"unavailable: {type(exc).__name__}: {exc}"
+    return out
+
+
+def log_state(app: faust.App) -> None:
+    report = state(app)
+    lines = ["diagnostics (SIGUSR1):", f"consumer: {report['consumer'] if isinstance(report['consumer'], str) else ''}"]
+    if isinstance(report["consumer"], dict):
+        c = report["consumer"]
+        lines.append(f"  flow_active={c['flow_active']} flow_control_active={c['flow_control_active']} "
+                     f"suspended={c['suspended']} rebalancing={c['rebalancing']} unacked={c['unacked_messages']} "
+                     f"generation={c['generation']}")
+        lines += [f"  {p}" for p in c["partitions"]]
+    lines.append(f"tasks: {sum(t['count'] for t in report['tasks'])}")
+    for t in report["tasks"]:
+        lines.append(f"  {t['count']:5d} x {t['coroutine']}")
+        lines += [f"          {frame}" for frame in t["frames"]]
+    log.warning("\n".join(lines))
+
+
+def install(app: faust.App) -> None:
+    """SIGUSR1 logs the state (the worker's loop runs in the main thread); GET /debug/state returns it
+    (task stacks name only files and functions: nothing of the records or the configuration)."""
+
+    @app.task
+    async def on_usr1() -> None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, log_state, app)
+
+    @app.page("/debug/state")
+    class DebugState(View):
+        async def get(self, request: Request) -> Response:
+            return self.json(state(app, tasks=request.query.get("tasks", "1") not in ("0", "false")))
