@@ -53,6 +53,9 @@ FRAMES_SKIPPED = Counter("inferstream_frames_skipped_total", "Frames not judged 
                          ["topic"], registry=REGISTRY)
 IN_FLIGHT = Gauge("inferstream_in_flight_records", "Records consumed but not yet acked (decoding, inferring, delivering)",
                   ["topic"], registry=REGISTRY)
+IN_FLIGHT_LIMIT = Gauge("inferstream_in_flight_limit_records",
+                        "Records an agent may hold in flight before consumption pauses (max_in_flight, or the frames/events one)",
+                        ["topic"], registry=REGISTRY)
 CONSUMER_LAG = Gauge("inferstream_consumer_lag_records",
                      "High watermark minus position, per assigned partition (absent where it cannot be trusted)",
                      ["topic", "partition"], registry=REGISTRY)

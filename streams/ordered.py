@@ -78,6 +78,7 @@ class OrderedAcker:
         self._idle.set()
         self._consumed = metrics.RECORDS_CONSUMED.labels(name)
         self._in_flight_gauge = metrics.IN_FLIGHT.labels(name)
+        metrics.IN_FLIGHT_LIMIT.labels(name).set(max_in_flight)
 
     @property
     def in_flight(self) -> int:

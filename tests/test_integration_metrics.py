@@ -11,7 +11,7 @@ from conftest import wait_until
 from kafka_helpers import collect, frame_image, frame_record, ids, send_records
 from prometheus_client.parser import text_string_to_metric_families
 
-from streams.schemas import FRAMES, VERDICTS
+from streams.schemas import FRAMES, POSTS, VERDICTS
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +33,7 @@ def test_worker_metrics_count_what_flowed_through_it(settings, start_worker, run
     records = [frame_record("cam", i, frame_image(i)) for i in range(n)]
     records.append((b"cam", b"not an image", records[0][2]))
     run(send_records(settings, FRAMES, records))
-    worker = start_worker(settings)
+    worker = start_worker(settings.replace(frames_max_in_flight=40))
     collect(settings, VERDICTS, lambda rs: len(ids(rs)) >= n, timeout_s=90)
     port = worker.settings.web_port
     frames, verdicts = settings.topic(FRAMES), settings.topic(VERDICTS)
@@ -51,6 +51,9 @@ def test_worker_metrics_count_what_flowed_through_it(settings, start_worker, run
     assert value(m, "inferstream_inference_latency_seconds_count", model="tiny", version="1") >= 1
     assert value(m, "inferstream_model_info", model="tiny", version="1", task="classify", provider="CPUExecutionProvider") == 1
     assert value(m, "inferstream_in_flight_records", topic=frames) == 0
+    # each agent's bound on records in flight, as configured: frames have their own (their tensors are big)
+    assert value(m, "inferstream_in_flight_limit_records", topic=frames) == 40
+    assert value(m, "inferstream_in_flight_limit_records", topic=settings.topic(POSTS)) == settings.max_in_flight
     # records reached the agent a fetch at a time, not one by one (they were all on the topic before it started)
     handed = value(m, "inferstream_fetched_batch_records_count", topic=frames)
     assert value(m, "inferstream_fetched_batch_records_sum", topic=frames) == n + 1 and handed < (n + 1) / 4
