@@ -98,13 +98,12 @@ class BatchController:
         self._seen = 0
         self._lag = 0
         self.sizes = ThroughputSizes(max_batch_size)
-        self._backlog_size: int | None = None  # the size the current plan asks of a backlog batch
 
     # ------------------------------------------------------------------------------ what it learns
     def observe(self, size: int, seconds: float) -> None:
         """One batch of `size` items ran in `seconds`."""
         self._batches.append((size, seconds))
-        self.sizes.observe(size, seconds, self._backlog_size)
+        self.sizes.observe(size, seconds)
         self._seen += 1
         if self._seen >= self.warm_up and (self.cost is None or self._seen % self.refit_every == 0):
             self.cost = fit_cost(self._batches)
@@ -150,7 +149,6 @@ class BatchController:
         """The next batch's limits, given `in_hand` items available for it (taken or queued), the
         oldest one's arrival time and when collecting this batch began (all on the controller's clock)."""
         if not self.adaptive or self.cost is None:
-            self._backlog_size = None
             plan = Plan(self.max_batch_size, started + self.max_wait_s)
         else:
             plan = self._steer(in_hand, oldest_arrival, self.clock())
@@ -163,13 +161,11 @@ class BatchController:
         budget = oldest_arrival + self.target_s - now  # what the oldest item has left
         # largest batch the oldest item can still afford; none affordable: the target is out of reach
         affordable = math.floor((budget - a) / b) if b > 0 else (top if budget >= a else 0)
-        self._backlog_size = None
         if self._lag >= top:  # records are late upstream already: throughput first
-            limit = want = self._backlog_size = self.sizes.next_under_backlog()
+            limit = want = self.sizes.next_under_backlog()
         elif in_hand >= top:
             best = self.sizes.next_under_backlog()
             limit = want = min(best, affordable) if affordable >= 1 else best
-            self._backlog_size = best if want == best else None
         else:
             limit = min(top, affordable) if affordable >= 1 else top
             want = min(limit, self._size_to_keep_up(a, b, now), self.sizes.best())
@@ -199,8 +195,11 @@ class ThroughputSizes:
     first, largest first (what a linear cost model would pick); then the best one is used, and after
     every `revisit_every` batches at it, one neighbour is measured `samples` times again (up and down
     in turn), so the choice follows a cost curve that moves (another model loaded, a busier machine).
-    A size that backlog batches never reach (fewer items in flight than it) is dropped after `samples`
-    misses in a row.
+    A size that batches never reach is never measured, so exploring stays at it: batches take what is
+    there up to that size, as without measuring. That is what happens to a model that is not the
+    bottleneck of its pipeline (a consumer-lag backlog upstream, but its own queue never fills: in the
+    soak the cheap toxicity model beside a PII model that holds the posts back). Dropping such a size
+    after a few short batches shrank its limit to 1 for good; the limit must only fall on evidence.
     State advances as batches are observed, never as plans are asked for (a batch is planned on every
     wake of its collection).
 
@@ -208,7 +207,7 @@ class ThroughputSizes:
     >>> s.next_under_backlog()  # nothing measured yet: each size once, largest first
     8
     >>> for n, seconds in ((8, 0.040), (4, 0.012), (2, 0.008), (1, 0.005)):
-    ...     s.observe(n, seconds, wanted=n)
+    ...     s.observe(n, seconds)
     >>> s.best(), s.next_under_backlog()  # 3 ms per item at 4 beats 5 ms at 8, 4 ms at 2 and 5 ms at 1
     (4, 4)
     """
@@ -218,25 +217,14 @@ class ThroughputSizes:
         self.samples = max(samples, 1)
         self.revisit_every = max(revisit_every, 1)
         self._per_item: dict[int, deque[float]] = {n: deque(maxlen=self.samples) for n in self.candidates}
-        self._misses = dict.fromkeys(self.candidates, 0)
         self._at_best = 0  # batches at the best size since the last revisit
         self._revisits = 0
         self._revisit: list[int] | None = None  # [size, measurements still wanted]
 
-    def observe(self, size: int, seconds: float, wanted: int | None = None) -> None:
-        """A batch of `size` ran in `seconds`; `wanted`: the size a backlog plan asked it to be (None:
-        not planned under backlog)."""
+    def observe(self, size: int, seconds: float) -> None:
+        """A batch of `size` ran in `seconds`."""
         if size in self._per_item:
             self._per_item[size].append(seconds / size)
-        if wanted is None:
-            return
-        if size < wanted and wanted in self._misses:  # could not fill to the size wanted
-            self._misses[wanted] += 1
-            if self._misses[wanted] >= self.samples and len(self.candidates) > 1:
-                self.candidates.remove(wanted)
-                self._revisit = None
-            return
-        self._misses[size] = 0
         if self._revisit is not None and size == self._revisit[0]:
             self._revisit[1] -= 1
             if not self._revisit[1]:

@@ -232,12 +232,15 @@ def test_the_size_chosen_under_backlog_follows_a_cost_curve_that_moves():
     assert max(set(after), key=after.count) == MAX
 
 
-def test_a_size_that_backlog_batches_never_reach_is_dropped():
-    sizes = batch_control.ThroughputSizes(16, samples=3)
-    assert sizes.next_under_backlog() == 16
-    for _ in range(3):  # only 10 items are ever in flight
-        sizes.observe(10, 0.02, wanted=16)
-    assert 16 not in sizes.candidates and sizes.next_under_backlog() == 8
+def test_a_model_whose_queue_never_fills_keeps_its_limit_under_a_lag_backlog():
+    """Lag upstream, but this model is not the bottleneck (its queue holds a few items at a time): it
+    must keep taking what is there up to the maximum, not learn a smaller limit from short batches."""
+    clock = SimClock()
+    controller = warmed(clock)
+    controller.backlog_hint(5000)
+    run = simulate(controller, clock, poisson(rate=300, seconds=5, seed=7))
+    assert {b.plan.max_items for b in run.batches} == {MAX}
+    assert max(b.size for b in run.batches) < MAX and controller.sizes.next_under_backlog() == MAX
 
 
 def test_exploring_sizes_advances_per_batch_not_per_plan():
