@@ -11,9 +11,11 @@ spends in the batcher (queued, waiting, run):
   throughput-optimal size, measured rather than assumed (`ThroughputSizes`): the linear fit says
   bigger is always cheaper per item, but on a small CPU the cost per item rises again past some size
   (caches, memory bandwidth: frames on 2 cores were cheapest per item at 4-8 and 15% dearer at 32).
-  Under backlog each candidate size (powers of two up to `max_batch_size`) is tried a few times, the
-  one with the lowest median seconds per item is used, and its neighbours are re-measured now and
-  then; with a lag hint it waits for that batch when the arrival rate fills it in time;
+  Under a lag backlog (records late upstream already) each candidate size (powers of two up to
+  `max_batch_size`) is tried a few times, the one with the lowest median seconds per item is used,
+  and its neighbours are re-measured now and then; it waits for that batch when the arrival rate
+  fills it in time. A queue backlog without lag uses the best size measured so far, exploring
+  nothing (trying small sizes there would cost the latency target);
 - otherwise the smallest batch that keeps the model busy at most `max_utilisation` of the time at
   the arrival rate seen (`rate * (a/n + b) <= max_utilisation`), never above the measured
   throughput-optimal size; at low load that is one item, dispatched at once;
@@ -97,13 +99,17 @@ class BatchController:
         self._arrived_items = 0  # sum of the counts in _arrivals (plan() runs on every wake: no re-summing)
         self._seen = 0
         self._lag = 0
+        # measured on backlog batches only: a low-load batch runs on a quieter machine, and it is
+        # dispatched early rather than at the size asked for
         self.sizes = ThroughputSizes(max_batch_size)
+        self._backlog_plan = False  # the last plan was made under backlog
 
     # ------------------------------------------------------------------------------ what it learns
     def observe(self, size: int, seconds: float) -> None:
         """One batch of `size` items ran in `seconds`."""
         self._batches.append((size, seconds))
-        self.sizes.observe(size, seconds)
+        if self._backlog_plan and self.last_plan is not None and size == self.last_plan.max_items:
+            self.sizes.observe(size, seconds)
         self._seen += 1
         if self._seen >= self.warm_up and (self.cost is None or self._seen % self.refit_every == 0):
             self.cost = fit_cost(self._batches)
@@ -149,6 +155,7 @@ class BatchController:
         """The next batch's limits, given `in_hand` items available for it (taken or queued), the
         oldest one's arrival time and when collecting this batch began (all on the controller's clock)."""
         if not self.adaptive or self.cost is None:
+            self._backlog_plan = False
             plan = Plan(self.max_batch_size, started + self.max_wait_s)
         else:
             plan = self._steer(in_hand, oldest_arrival, self.clock())
@@ -161,10 +168,11 @@ class BatchController:
         budget = oldest_arrival + self.target_s - now  # what the oldest item has left
         # largest batch the oldest item can still afford; none affordable: the target is out of reach
         affordable = math.floor((budget - a) / b) if b > 0 else (top if budget >= a else 0)
+        self._backlog_plan = self._lag >= top or in_hand >= top
         if self._lag >= top:  # records are late upstream already: throughput first
             limit = want = self.sizes.next_under_backlog()
-        elif in_hand >= top:
-            best = self.sizes.next_under_backlog()
+        elif in_hand >= top:  # the target still holds: the best size measured, no exploring
+            best = self.sizes.best()
             limit = want = min(best, affordable) if affordable >= 1 else best
         else:
             limit = min(top, affordable) if affordable >= 1 else top

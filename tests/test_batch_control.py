@@ -180,6 +180,7 @@ def test_at_low_load_a_lone_item_is_dispatched_at_once():
 def test_with_a_backlog_and_a_cost_per_item_that_falls_batches_grow_to_the_maximum():
     clock = SimClock()
     controller = warmed(clock)
+    controller.backlog_hint(10_000)
     capacity = MAX / cost(MAX)  # items/s at full batches: 800
     run = simulate(controller, clock, poisson(rate=1.5 * capacity, seconds=2, seed=2))
     later = [b.size for b in run.batches[len(run.batches) // 4 : -1]]  # the last one takes what is left
@@ -209,6 +210,7 @@ def test_under_overload_the_controller_serves_at_least_95_percent_of_the_best_fi
     assert max(fixed, key=fixed.get) == 4
     clock = SimClock()
     controller = BatchController(MAX, 0.005, target_s=TARGET, clock=clock, warm_up=8)
+    controller.backlog_hint(10_000)  # overload shows upstream as consumer lag (the worker's hint every second)
     run = simulate(controller, clock, arrivals, convex)
     assert served_per_s(run, seconds) >= 0.95 * fixed[4]
     assert controller.sizes.best() == 4
@@ -224,6 +226,7 @@ def test_the_size_chosen_under_backlog_follows_a_cost_curve_that_moves():
         return convex(n) if clock.now < switch else cost(n)
 
     controller = BatchController(MAX, 0.005, target_s=TARGET, clock=clock, warm_up=8)
+    controller.backlog_hint(10_000)
     arrivals = poisson(rate=1.5 * MAX / cost(MAX), seconds=30, seed=6)
     run = simulate(controller, clock, arrivals, moving)
     before = [b.size for b in run.batches if 5 < b.dispatched < switch]
@@ -241,6 +244,22 @@ def test_a_model_whose_queue_never_fills_keeps_its_limit_under_a_lag_backlog():
     run = simulate(controller, clock, poisson(rate=300, seconds=5, seed=7))
     assert {b.plan.max_items for b in run.batches} == {MAX}
     assert max(b.size for b in run.batches) < MAX and controller.sizes.next_under_backlog() == MAX
+
+
+def test_a_queue_backlog_without_lag_explores_nothing_and_keeps_the_target():
+    clock = SimClock()
+    controller = warmed(clock)
+    run = simulate(controller, clock, poisson(rate=1.5 * MAX / cost(MAX), seconds=2, seed=2))
+    later = [b.size for b in run.batches[len(run.batches) // 4 : -1]]
+    assert set(later) == {MAX}  # the best measured size: the maximum, for a cost per item that falls
+
+
+def test_only_batches_planned_under_backlog_measure_the_throughput_sizes():
+    clock = SimClock()
+    controller = warmed(clock)  # warm-up batches of 1..8: not backlog batches
+    run = simulate(controller, clock, poisson(rate=100, seconds=5, seed=8))  # low load: batches of 1
+    assert run.batches and all(controller.sizes.per_item(n) is None for n in controller.sizes.candidates)
+    assert controller.sizes.best() == MAX  # nothing measured: no cap on batches below a backlog
 
 
 def test_exploring_sizes_advances_per_batch_not_per_plan():
