@@ -12,13 +12,8 @@ Faust's way unchanged.
 What Faust's own path does per record and this one keeps: read-offset bookkeeping and gap tracking
 (the same loop), periodic commits of acked offsets, tracking each message as unacked until the
 OrderedAcker acks it (so a rebalance waits for records in flight), dropping fetches while the flow is
-suspended (rebalancing), forgetting queued records of revoked partitions, and back-pressure per agent
-rather than per worker: the hand-over never waits. When an agent's queue is full, the fetcher stops
-fetching that agent's partitions (`hold`, as Faust's own `on_buffer_full` does for a full stream
-buffer) and fetches them again once the agent has caught up (`release`). An earlier hand-over awaited
-room in the queue, so one slow agent stopped the fetch loop for every topic: the soak caught events
-waiting 2 minutes behind a frames backlog after a takeover. Acks go through `Message.ack`, so
-Faust's commit logic is untouched.
+suspended (rebalancing), and forgetting queued records of revoked partitions. Acks go through
+`Message.ack`, so Faust's commit logic is untouched.
 
 Written against faust-streaming 0.15.3 (pinned in pyproject.toml): `_drain_messages` below follows that
 version's loop line by line except for the hand-over.
@@ -27,14 +22,14 @@ version's loop line by line except for the hand-over.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import faust
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaFaustConsumer
 
-BatchHandler = Callable[[list[Any]], None]  # takes a fetch's records of its topic; never waits
+BatchHandler = Callable[[list[Any]], Awaitable[None]]
 
 
 class BatchingConsumer(AIOKafkaFaustConsumer):
@@ -80,7 +75,8 @@ class BatchingConsumer(AIOKafkaFaustConsumer):
                                 await self.wait_first(callback(message), self.suspend_flow.wait())
                             set_read_offset(tp, offset)
                     for topic, messages in batches.items():
-                        handlers[topic](messages)
+                        # a rebalance (suspend_flow) abandons the hand-over: unacked, so fetched again
+                        await self.wait_first(handlers[topic](messages), self.suspend_flow.wait())
                 self.diag.unset_flag(CONSUMER_FETCHING)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
@@ -92,21 +88,6 @@ class BatchingConsumer(AIOKafkaFaustConsumer):
             raise
 
 
-    def hold(self, tps: set) -> None:
-        """Stop fetching `tps` (their agent's queue is full). Records of them already fetched still come
-        through: Faust yields the records of its "buffered" partitions though they are not fetched."""
-        held = set(tps) & set(self.assignment())
-        self._buffered_partitions |= held
-        # a new set, not an update: the consumer thread may be iterating the one it was given
-        self._active_partitions = self._get_active_partitions() - held
-
-    def release(self, tps: set) -> None:
-        """Fetch `tps` again (unless revoked meanwhile or paused by Faust)."""
-        back = set(tps) & self._buffered_partitions
-        self._buffered_partitions -= back
-        self._active_partitions = self._get_active_partitions() | ((back & set(self.assignment())) - self._paused_partitions)
-
-
 def use_batching_consumer(app: faust.App) -> None:
     """Make the app's consumer a BatchingConsumer (call before the app's consumer is created)."""
     app.transport.Consumer = BatchingConsumer
@@ -114,25 +95,15 @@ def use_batching_consumer(app: faust.App) -> None:
 
 async def batches_of(app: faust.App, topics: list[str], max_batches: int = 4) -> AsyncIterator[list[Any]]:
     """Every record of `topics` in batches (one per fetch and topic) of Faust messages, in fetch order,
-    never acked here: ack each with `message.ack(app.consumer)` once its outputs are delivered. Once
-    `max_batches` wait here, the fetcher stops fetching these topics' partitions (other topics go on)
-    until no more than half of them wait."""
+    never acked here: ack each with `message.ack(app.consumer)` once its outputs are delivered. At most
+    `max_batches` wait here; beyond that the fetch loop waits (back-pressure on consumption)."""
     consumer = app.consumer
     if not isinstance(consumer, BatchingConsumer):
         raise TypeError("the app's consumer is not a BatchingConsumer: call use_batching_consumer(app) first")
-    queue: asyncio.Queue[list[Any]] = asyncio.Queue()  # bounded by holding the partitions, not by waiting
-    mine = set(topics)
-    held: set = set()
+    queue: asyncio.Queue[list[Any]] = asyncio.Queue(max_batches)
 
-    def hand_over(messages: list[Any]) -> None:
-        queue.put_nowait(messages)
-        if queue.qsize() >= max_batches and not held:
-            held.update(tp for tp in consumer.assignment() if tp.topic in mine)
-            consumer.hold(held)
-
-    def release() -> None:
-        consumer.release(held)
-        held.clear()
+    async def hand_over(messages: list[Any]) -> None:
+        await queue.put(messages)
 
     @app.on_partitions_revoked.connect
     async def _forget_revoked(sender: Any, revoked: set, **kwargs: Any) -> None:
@@ -143,7 +114,6 @@ async def batches_of(app: faust.App, topics: list[str], max_batches: int = 4) ->
                 kept.append(batch)
         for batch in kept:
             queue.put_nowait(batch)
-        release()  # held anew on the next hand-over if the queue is still full
 
     handlers = consumer.__dict__.setdefault("batch_handlers", {})
     for topic in topics:
@@ -151,8 +121,6 @@ async def batches_of(app: faust.App, topics: list[str], max_batches: int = 4) ->
     try:
         while True:
             batch = await queue.get()
-            if held and queue.qsize() <= max_batches // 2:
-                release()
             if not app.flow_control.is_active():  # taken during a rebalance: dropped, fetched again
                 continue
             for message in batch:  # unacked until delivered: a rebalance waits for it (Faust's wait_empty)
@@ -163,4 +131,3 @@ async def batches_of(app: faust.App, topics: list[str], max_batches: int = 4) ->
     finally:
         for topic in topics:
             handlers.pop(topic, None)
-        release()
