@@ -59,6 +59,15 @@ class Worker:
             pass
         return out
 
+    def debug_state(self, tasks: bool = False) -> dict | None:
+        """The worker's /debug/state (None while it does not answer)."""
+        try:
+            url = f"http://127.0.0.1:{self.settings.web_port}/debug/state?tasks={int(tasks)}"
+            with urllib.request.urlopen(url, timeout=10) as r:
+                return json.loads(r.read())
+        except (OSError, ValueError):
+            return None
+
     def kill(self) -> None:
         """SIGKILL: no shutdown hook runs, nothing more is committed."""
         self.proc.send_signal(signal.SIGKILL)

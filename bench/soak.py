@@ -31,7 +31,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -289,15 +288,6 @@ async def sampler(run: Run, broker: EmbeddedBroker, samples: list[dict], stop: a
             pass
 
 
-def debug_state(worker: Worker, tasks: bool) -> dict[str, Any] | None:
-    try:
-        url = f"http://127.0.0.1:{worker.settings.web_port}/debug/state?tasks={int(tasks)}"
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return json.loads(r.read())
-    except (OSError, ValueError):
-        return None
-
-
 async def stall_watch(run: Run, stop: asyncio.Event, stall_s: float) -> None:
     """A partition a live worker holds with lag whose committed offset has not moved for `stall_s`: the
     worker's whole /debug/state (task stacks included) is saved beside the logs and noted, once per
@@ -308,7 +298,7 @@ async def stall_watch(run: Run, stop: asyncio.Event, stall_s: float) -> None:
         for slot, worker in list(run.slots.items()):
             if worker is None or not worker.alive():
                 continue
-            state = await asyncio.to_thread(debug_state, worker, False)
+            state = await asyncio.to_thread(worker.debug_state, False)
             consumer = (state or {}).get("consumer")
             if not isinstance(consumer, dict):
                 continue
@@ -323,7 +313,7 @@ async def stall_watch(run: Run, stop: asyncio.Event, stall_s: float) -> None:
                     reported.add((*key, p["committed"]))
                     stalled.append(p)
             if stalled:
-                full = await asyncio.to_thread(debug_state, worker, True)
+                full = await asyncio.to_thread(worker.debug_state, True)
                 path = run.work / f"stall-{slot}-{worker.pid}-{int(run.t())}s.json"
                 path.write_text(json.dumps({"consumer": consumer, "full": full}, indent=1, default=str))
                 run.note("stall", slot=slot, pid=worker.pid, seconds=stall_s, state=str(path),
