@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from aiokafka import TopicPartition
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -288,6 +289,26 @@ async def sampler(run: Run, broker: EmbeddedBroker, samples: list[dict], stop: a
             pass
 
 
+async def broker_serves(settings: Settings, topic: str, partition: int, offset: int | None) -> dict[str, Any]:
+    """What a fresh consumer outside the group gets from the broker at a stalled partition's committed
+    offset: records there mean the worker stopped asking (or stopped taking), none mean the broker
+    stopped serving."""
+    tp = TopicPartition(topic, partition)
+    kafka = consumer(settings, enable_auto_commit=False)
+    await kafka.start()
+    try:
+        kafka.assign([tp])
+        kafka.seek(tp, offset or 0)
+        got = await kafka.getmany(tp, timeout_ms=5000, max_records=100)
+        records = got.get(tp, [])
+        return {"topic": topic, "partition": partition, "from": offset, "records": len(records),
+                "first": records[0].offset if records else None, "highwater": kafka.highwater(tp)}
+    except Exception as exc:  # noqa: BLE001 - a probe reports, never ends the soak
+        return {"topic": topic, "partition": partition, "from": offset, "error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        await kafka.stop()
+
+
 async def stall_watch(run: Run, stop: asyncio.Event, stall_s: float) -> None:
     """A partition a live worker holds with lag whose committed offset has not moved for `stall_s`: the
     worker's whole /debug/state (task stacks included) is saved beside the logs and noted, once per
@@ -314,11 +335,13 @@ async def stall_watch(run: Run, stop: asyncio.Event, stall_s: float) -> None:
                     stalled.append(p)
             if stalled:
                 full = await asyncio.to_thread(worker.debug_state, True)
+                probes = [await broker_serves(run.settings, p["topic"], p["partition"], p["committed"]) for p in stalled]
                 path = run.work / f"stall-{slot}-{worker.pid}-{int(run.t())}s.json"
-                path.write_text(json.dumps({"consumer": consumer, "full": full}, indent=1, default=str))
-                run.note("stall", slot=slot, pid=worker.pid, seconds=stall_s, state=str(path),
+                path.write_text(json.dumps({"consumer": consumer, "full": full, "broker_probe": probes}, indent=1, default=str))
+                run.note("stall", slot=slot, pid=worker.pid, seconds=stall_s, state=str(path), broker_probe=probes,
                          partitions=[{k: p[k] for k in ("topic", "partition", "committed", "highwater", "fetching",
-                                                        "paused", "position", "read_offset") if k in p} for p in stalled])
+                                                        "paused", "held", "position", "read_offset", "prefetched")
+                                      if k in p} for p in stalled])
         try:
             await asyncio.wait_for(stop.wait(), 10)
         except TimeoutError:

@@ -15,6 +15,16 @@ OrderedAcker acks it (so a rebalance waits for records in flight), dropping fetc
 suspended (rebalancing), and forgetting queued records of revoked partitions. Acks go through
 `Message.ack`, so Faust's commit logic is untouched.
 
+Back-pressure is per agent. Each agent has an inbox of at most `max_batches` batches; when one is
+full, the partitions of its topics are held (taken out of the fetched set) and the fetch loop goes on
+serving every other agent: one slow agent (a model loading, a camera's detector behind) no longer stops
+the worker's other topics, which a blocking hand-over did (the soak's stall reports showed the fetch
+loop waiting on one agent's queue while the others' partitions lagged). When the inbox is down to half,
+its partitions are sought back to the record after the last one handed over and fetched again. The seek
+is what keeps this lossless: aiokafka may already have returned records of a held partition (it returns
+every partition when asked for none, and Faust's own fetch filters a partition's records out if it left
+the set mid-fetch), and Faust's gap tracking would then commit over them as if they had been read.
+
 Written against faust-streaming 0.15.3 (pinned in pyproject.toml): `_drain_messages` below follows that
 version's loop line by line except for the hand-over.
 """
@@ -22,23 +32,86 @@ version's loop line by line except for the hand-over.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import faust
+from aiokafka import TopicPartition as KafkaTopicPartition
+from aiokafka.errors import IllegalStateError
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaFaustConsumer
+from faust.types import TP
 
-BatchHandler = Callable[[list[Any]], Awaitable[None]]
+
+class AgentInbox:
+    """One agent's batches waiting to be processed, and when its partitions are held or fetched again."""
+
+    def __init__(self, topics: Iterable[str], max_batches: int) -> None:
+        self.topics = frozenset(topics)
+        self.max_batches = max_batches
+        self.queue: asyncio.Queue[list[Any]] = asyncio.Queue()  # bounded by holding, not by blocking
+
+    def full(self) -> bool:
+        return self.queue.qsize() >= self.max_batches
+
+    def caught_up(self) -> bool:
+        return self.queue.qsize() <= self.max_batches // 2
+
+    def forget(self, revoked: set[TP]) -> None:
+        """Drop queued records of revoked partitions: their new owner reads them from the commit."""
+        queued = [self.queue.get_nowait() for _ in range(self.queue.qsize())]
+        for batch in queued:
+            if kept := [m for m in batch if m.tp not in revoked]:
+                self.queue.put_nowait(kept)
 
 
 class BatchingConsumer(AIOKafkaFaustConsumer):
     """Faust's aiokafka consumer whose fetch loop hands the records of registered topics over per fetch."""
 
-    batch_handlers: dict[str, BatchHandler]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.inboxes: dict[str, AgentInbox] = {}  # topic -> the inbox of the agent that reads it
+        self.held_partitions: set[TP] = set()
+        self._next_to_hand_over: dict[TP, int] = {}  # offset after the last record handed over
+
+    async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+        self.held_partitions -= revoked  # the new assignment starts from the committed offsets
+        for tp in revoked:
+            self._next_to_hand_over.pop(tp, None)
+        await super().on_partitions_revoked(revoked)
+
+    def _hold(self, inbox: AgentInbox) -> None:
+        held = {tp for tp in self.assignment() if tp.topic in inbox.topics}
+        self.held_partitions |= held
+        # a new set: a fetch in progress keeps filtering by the set it started with
+        self._active_partitions = set(self._get_active_partitions()) - held
+
+    async def _release_caught_up(self) -> None:
+        for inbox in {id(i): i for i in self.inboxes.values()}.values():
+            held = {tp for tp in self.held_partitions if tp.topic in inbox.topics}
+            if held and inbox.caught_up():
+                await self._fetch_again(held)
+
+    async def _fetch_again(self, tps: set[TP]) -> None:
+        """Seek held partitions back to the record after the last one handed over, then fetch them."""
+        kafka = self._thread._ensure_consumer()
+        for tp in tps:
+            offset = self._next_to_hand_over.get(tp, self._read_offset.get(tp))  # else: the committed offset
+            kafka_tp = KafkaTopicPartition(tp.topic, tp.partition)  # aiokafka rejects Faust's TP type
+            try:
+                if offset is None:
+                    await self._thread.call_thread(kafka.seek_to_beginning, kafka_tp)
+                else:
+                    await self._thread.call_thread(kafka.seek, kafka_tp, offset)
+            except IllegalStateError:  # revoked meanwhile: the rebalance seeks it
+                pass
+        self.held_partitions -= tps
+        self._active_partitions = set(self._get_active_partitions()) | (tps & self.assignment())
 
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - exercised by every worker test
-        handlers = getattr(self, "batch_handlers", {})
+        inboxes = self.inboxes
+        held = self.held_partitions
+        next_to_hand_over = self._next_to_hand_over
         callback = self.callback
         getmany = self.getmany
         consumer_should_stop = self._stopped.is_set
@@ -49,6 +122,7 @@ class BatchingConsumer(AIOKafkaFaustConsumer):
         acks_enabled_for = self.app.topics.acks_enabled_for
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
+                await self._release_caught_up()
                 self.diag.set_flag(CONSUMER_FETCHING)
                 ait = getmany(timeout=1.0)
                 await self.sleep(0)
@@ -60,6 +134,8 @@ class BatchingConsumer(AIOKafkaFaustConsumer):
                         if since_yield > 100:
                             await asyncio.sleep(0)
                             since_yield = 0
+                        if tp in held:  # not read: sought back when its agent catches up
+                            continue
                         offset = message.offset
                         r_offset = get_read_offset(tp)
                         if r_offset is None or offset >= r_offset:
@@ -69,14 +145,20 @@ class BatchingConsumer(AIOKafkaFaustConsumer):
                             if commit_every is not None and self._n_acked >= commit_every:
                                 self._n_acked = 0
                                 await self.commit()
-                            if message.topic in handlers:
+                            if message.topic in inboxes:
                                 batches.setdefault(message.topic, []).append(message)
                             else:
                                 await self.wait_first(callback(message), self.suspend_flow.wait())
                             set_read_offset(tp, offset)
+                    if self.suspend_flow.is_set():
+                        batches.clear()  # a rebalance: unacked, and sought back to the commit
                     for topic, messages in batches.items():
-                        # a rebalance (suspend_flow) abandons the hand-over: unacked, so fetched again
-                        await self.wait_first(handlers[topic](messages), self.suspend_flow.wait())
+                        inbox = inboxes[topic]
+                        inbox.queue.put_nowait(messages)
+                        for message in messages:
+                            next_to_hand_over[message.tp] = message.offset + 1
+                        if inbox.full():
+                            self._hold(inbox)
                 self.diag.unset_flag(CONSUMER_FETCHING)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
@@ -95,32 +177,22 @@ def use_batching_consumer(app: faust.App) -> None:
 
 async def batches_of(app: faust.App, topics: list[str], max_batches: int = 4) -> AsyncIterator[list[Any]]:
     """Every record of `topics` in batches (one per fetch and topic) of Faust messages, in fetch order,
-    never acked here: ack each with `message.ack(app.consumer)` once its outputs are delivered. At most
-    `max_batches` wait here; beyond that the fetch loop waits (back-pressure on consumption)."""
+    never acked here: ack each with `message.ack(app.consumer)` once its outputs are delivered. When
+    `max_batches` wait here, these topics' partitions are held (back-pressure on this agent alone)."""
     consumer = app.consumer
     if not isinstance(consumer, BatchingConsumer):
         raise TypeError("the app's consumer is not a BatchingConsumer: call use_batching_consumer(app) first")
-    queue: asyncio.Queue[list[Any]] = asyncio.Queue(max_batches)
-
-    async def hand_over(messages: list[Any]) -> None:
-        await queue.put(messages)
+    inbox = AgentInbox(topics, max_batches)
 
     @app.on_partitions_revoked.connect
     async def _forget_revoked(sender: Any, revoked: set, **kwargs: Any) -> None:
-        kept = []
-        while not queue.empty():
-            batch = [m for m in queue.get_nowait() if m.tp not in revoked]
-            if batch:
-                kept.append(batch)
-        for batch in kept:
-            queue.put_nowait(batch)
+        inbox.forget(revoked)
 
-    handlers = consumer.__dict__.setdefault("batch_handlers", {})
     for topic in topics:
-        handlers[topic] = hand_over
+        consumer.inboxes[topic] = inbox
     try:
         while True:
-            batch = await queue.get()
+            batch = await inbox.queue.get()
             if not app.flow_control.is_active():  # taken during a rebalance: dropped, fetched again
                 continue
             for message in batch:  # unacked until delivered: a rebalance waits for it (Faust's wait_empty)
@@ -130,4 +202,4 @@ async def batches_of(app: faust.App, topics: list[str], max_batches: int = 4) ->
             yield batch
     finally:
         for topic in topics:
-            handlers.pop(topic, None)
+            consumer.inboxes.pop(topic, None)

@@ -75,15 +75,20 @@ def consumer_state(app: faust.App) -> dict[str, Any]:
         row: dict[str, Any] = {
             "topic": tp.topic, "partition": tp.partition,
             "fetching": tp in active, "paused": tp in consumer._paused_partitions,
-            "buffered": tp in consumer._buffered_partitions,
+            "buffered": tp in consumer._buffered_partitions, "held": tp in getattr(consumer, "held_partitions", ()),
             "read_offset": consumer._read_offset.get(tp), "committed": consumer._committed_offset.get(tp),
             "acked_not_committed": len(consumer._acked.get(tp, ())),
             "gaps": len(consumer._gap.get(tp, ())), "highwater": consumer.highwater(tp),
         }
         if kafka is not None:
             try:
-                row["position"] = kafka._fetcher._subscriptions.subscription.assignment.state_value(tp).position
-                row["aiokafka_paused"] = kafka._fetcher._subscriptions.subscription.assignment.state_value(tp).paused
+                fetcher = kafka._fetcher
+                tp_state = fetcher._subscriptions.subscription.assignment.state_value(tp)
+                row["position"] = tp_state.position if tp_state.has_valid_position else None
+                row["aiokafka_paused"] = tp_state.paused
+                row["awaiting_reset"] = tp_state.awaiting_reset
+                # what aiokafka has prefetched for it: a FetchResult waiting to be taken, or an error
+                row["prefetched"] = repr(fetcher._records.get(tp)) if tp in fetcher._records else None
             except Exception as exc:  # noqa: BLE001 - diagnostics must never fail the worker
                 row["position"] = f"unknown ({type(exc).__name__})"
         partitions.append(row)
@@ -91,6 +96,7 @@ def consumer_state(app: faust.App) -> dict[str, Any]:
         "flow_active": consumer.flow_active, "flow_control_active": app.flow_control.is_active(),
         "suspended": consumer.suspend_flow.is_set(), "rebalancing": app.rebalancing,
         "unacked_messages": len(consumer._unacked_messages), "generation": app.consumer_generation_id,
+        "fetches_in_flight": sorted(kafka._fetcher._in_flight) if kafka is not None else None,
         "partitions": partitions,
     }
 
