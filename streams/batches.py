@@ -16,14 +16,15 @@ suspended (rebalancing), and forgetting queued records of revoked partitions. Ac
 `Message.ack`, so Faust's commit logic is untouched.
 
 Back-pressure is per agent. Each agent has an inbox of at most `max_batches` batches; when one is
-full, the partitions of its topics are held (taken out of the fetched set) and the fetch loop goes on
-serving every other agent: one slow agent (a model loading, a camera's detector behind) no longer stops
-the worker's other topics, which a blocking hand-over did (the soak's stall reports showed the fetch
-loop waiting on one agent's queue while the others' partitions lagged). When the inbox is down to half,
-its partitions are sought back to the record after the last one handed over and fetched again. The seek
-is what keeps this lossless: aiokafka may already have returned records of a held partition (it returns
-every partition when asked for none, and Faust's own fetch filters a partition's records out if it left
-the set mid-fetch), and Faust's gap tracking would then commit over them as if they had been read.
+full, the partitions of its topics are held (taken out of the fetched set, as a new set: Faust's fetch
+filters what it returns by the set it started with, so changing that set in place dropped records
+mid-fetch) and the fetch loop goes on serving every other agent: one slow agent (a model loading, a
+camera's detector behind) no longer stops the worker's other topics, which a blocking hand-over did
+(the soak's stall reports showed the fetch loop waiting on one agent's queue while the others'
+partitions lagged). When the inbox is down to half, its partitions are fetched again. Should a fetch
+still return a record of a held partition, the loop passes over it and, before fetching the partition
+again, seeks back to the first one passed over: Faust's gap tracking would otherwise commit over them
+as if they had been read.
 
 Written against faust-streaming 0.15.3 (pinned in pyproject.toml): `_drain_messages` below follows that
 version's loop line by line except for the hand-over.
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterable
+from time import monotonic
 from typing import Any
 
 import faust
@@ -72,12 +74,25 @@ class BatchingConsumer(AIOKafkaFaustConsumer):
         super().__init__(*args, **kwargs)
         self.inboxes: dict[str, AgentInbox] = {}  # topic -> the inbox of the agent that reads it
         self.held_partitions: set[TP] = set()
-        self._next_to_hand_over: dict[TP, int] = {}  # offset after the last record handed over
+        self._passed_over_from: dict[TP, int] = {}  # a held partition's first record the loop passed over
+
+    def verify_event_path(self, now: float, tp: TP) -> None:
+        """Faust's livelock check (every 2.5 commit intervals) reads aiokafka's fetch position, which
+        asserts when a partition has none yet (just assigned, or reset to the beginning): the
+        AssertionError crashed a worker of the soak. Such a partition is not fetching yet, so there is
+        nothing to check."""
+        kafka = self._thread._consumer
+        if kafka is not None:
+            state = kafka._fetcher._subscriptions.subscription.assignment.state_value(
+                KafkaTopicPartition(tp.topic, tp.partition))
+            if state is None or not state.has_valid_position:
+                return None
+        return super().verify_event_path(now, tp)
 
     async def on_partitions_revoked(self, revoked: set[TP]) -> None:
         self.held_partitions -= revoked  # the new assignment starts from the committed offsets
         for tp in revoked:
-            self._next_to_hand_over.pop(tp, None)
+            self._passed_over_from.pop(tp, None)
         await super().on_partitions_revoked(revoked)
 
     def _hold(self, inbox: AgentInbox) -> None:
@@ -93,25 +108,22 @@ class BatchingConsumer(AIOKafkaFaustConsumer):
                 await self._fetch_again(held)
 
     async def _fetch_again(self, tps: set[TP]) -> None:
-        """Seek held partitions back to the record after the last one handed over, then fetch them."""
+        """Fetch held partitions again, from the first record passed over while they were held."""
         kafka = self._thread._ensure_consumer()
         for tp in tps:
-            offset = self._next_to_hand_over.get(tp, self._read_offset.get(tp))  # else: the committed offset
-            kafka_tp = KafkaTopicPartition(tp.topic, tp.partition)  # aiokafka rejects Faust's TP type
-            try:
-                if offset is None:
-                    await self._thread.call_thread(kafka.seek_to_beginning, kafka_tp)
-                else:
-                    await self._thread.call_thread(kafka.seek, kafka_tp, offset)
-            except IllegalStateError:  # revoked meanwhile: the rebalance seeks it
-                pass
+            offset = self._passed_over_from.pop(tp, None)
+            if offset is not None:
+                try:  # aiokafka rejects Faust's TP type
+                    await self._thread.call_thread(kafka.seek, KafkaTopicPartition(tp.topic, tp.partition), offset)
+                except IllegalStateError:  # revoked meanwhile: its new owner starts from the commit
+                    pass
         self.held_partitions -= tps
         self._active_partitions = set(self._get_active_partitions()) | (tps & self.assignment())
 
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - exercised by every worker test
         inboxes = self.inboxes
         held = self.held_partitions
-        next_to_hand_over = self._next_to_hand_over
+        passed_over_from = self._passed_over_from
         callback = self.callback
         getmany = self.getmany
         consumer_should_stop = self._stopped.is_set
@@ -134,7 +146,8 @@ class BatchingConsumer(AIOKafkaFaustConsumer):
                         if since_yield > 100:
                             await asyncio.sleep(0)
                             since_yield = 0
-                        if tp in held:  # not read: sought back when its agent catches up
+                        if tp in held:  # not read: sought back to when its agent catches up
+                            passed_over_from.setdefault(tp, message.offset)
                             continue
                         offset = message.offset
                         r_offset = get_read_offset(tp)
@@ -155,8 +168,6 @@ class BatchingConsumer(AIOKafkaFaustConsumer):
                     for topic, messages in batches.items():
                         inbox = inboxes[topic]
                         inbox.queue.put_nowait(messages)
-                        for message in messages:
-                            next_to_hand_over[message.tp] = message.offset + 1
                         if inbox.full():
                             self._hold(inbox)
                 self.diag.unset_flag(CONSUMER_FETCHING)
@@ -195,10 +206,15 @@ async def batches_of(app: faust.App, topics: list[str], max_batches: int = 4) ->
             batch = await inbox.queue.get()
             if not app.flow_control.is_active():  # taken during a rebalance: dropped, fetched again
                 continue
+            taken_at, inbound_time = monotonic(), app.monitor.stream_inbound_time
             for message in batch:  # unacked until delivered: a rebalance waits for it (Faust's wait_empty)
                 if not message.tracked:
                     message.tracked = True
                     consumer.track_message(message)
+                # what Faust's streams record per event: its livelock check warns when a partition with
+                # lag has had none for stream_processing_timeout (it logged every partition, every 2.5
+                # commit intervals, while this path left the time unset)
+                inbound_time[message.tp] = taken_at
             yield batch
     finally:
         for topic in topics:

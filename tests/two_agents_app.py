@@ -6,7 +6,8 @@ tests/test_integration_batching.py. Run as a child process: `python tests/two_ag
 - `fast` (topic TWO_AGENTS_FAST) forwards each batch at once.
 
 Each forwards every record to `<topic>-out`, keyed `partition:offset`, and acks it after delivery.
-Fetches are small (20 records) so that `slow`'s queue fills after a few of them."""
+Fetches are small (20 records) so that `slow`'s queue fills after a few of them, and Faust's livelock
+check reports a partition whose agent took nothing for 5 s."""
 
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ def main() -> None:
     settings = Settings.load()
     app = create_app(settings)
     app.conf.broker_max_poll_records = 20
+    app.conf.stream_processing_timeout = 5  # Faust's livelock check reports a stuck agent after this
     diagnostics.install(app)  # GET /debug/state: what it waits on, when a test fails
     add_agent(app, os.environ["TWO_AGENTS_SLOW"], Path(os.environ["TWO_AGENTS_GATE"]))
     add_agent(app, os.environ["TWO_AGENTS_FAST"], None)
