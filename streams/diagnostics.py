@@ -97,6 +97,8 @@ def consumer_state(app: faust.App) -> dict[str, Any]:
         "suspended": consumer.suspend_flow.is_set(), "rebalancing": app.rebalancing,
         "unacked_messages": len(consumer._unacked_messages), "generation": app.consumer_generation_id,
         "fetches_in_flight": sorted(kafka._fetcher._in_flight) if kafka is not None else None,
+        # raised by the batching consumer when fetches come back empty on partitions with lag
+        "fetch_max_wait_ms": kafka._fetcher._fetch_max_wait_ms if kafka is not None else None,
         "partitions": partitions,
     }
 

@@ -157,3 +157,4 @@ def test_the_livelock_check_passes_over_a_partition_without_a_fetch_position(set
             await kafka.stop()
 
     run(check())
+
