@@ -23,7 +23,7 @@ from kafka_helpers import send_records
 from streams.batches import BatchingConsumer
 from streams.broker import free_port
 from streams.config import Settings
-from streams.kafka import consumer, ensure_named_topics, read_to_high_watermark
+from streams.kafka import consumer, ensure_named_topics, producer, read_to_high_watermark
 
 pytestmark = pytest.mark.integration
 
@@ -158,3 +158,38 @@ def test_the_livelock_check_passes_over_a_partition_without_a_fetch_position(set
 
     run(check())
 
+
+
+ONE_RECORD_BATCHES = 24_000
+
+
+def test_fetches_answered_without_records_raise_the_fetch_wait(settings, two_agents, run):
+    """The embedded broker answers a fetch with what it found when the wait is up, and finding an offset
+    takes it longer the more batches the partition holds (measured: 24,000 one-record batches, 0
+    records at 5 ms, 100 at 20 ms; in the soak, events partitions starved at 50 ms for good). A worker
+    with a 1 ms wait reads such a partition to the end by raising its wait."""
+    gate, _ = two_agents
+    gate.touch()
+    fast = settings.topic("fast")
+
+    async def one_record_batches(n: int, producers: int = 16) -> None:  # as many slow producers write
+        async def send(count: int) -> None:
+            kafka = producer(settings)
+            await kafka.start()
+            try:
+                for _ in range(count):
+                    await (await kafka.send(fast, b"fast", key=b"f", partition=0))
+            finally:
+                await kafka.stop()
+
+        await asyncio.gather(*(send(n // producers) for _ in range(producers)))
+
+    run(one_record_batches(ONE_RECORD_BATCHES))
+    worker = TwoAgentsWorker(settings.replace(fetch_max_wait_ms=1), gate, gate.parent / "starved-worker.log")
+    try:
+        fast_out = forwarded(settings, f"{fast}-out", ONE_RECORD_BATCHES, timeout_s=180)
+        assert len({r.key for r in fast_out}) == ONE_RECORD_BATCHES, worker.state()  # every offset forwarded
+        assert "fetch_max_wait_ms 1 -> 20" in worker.log_text()
+        assert worker.state()["consumer"]["fetch_max_wait_ms"] >= 20
+    finally:
+        worker.stop()
