@@ -58,6 +58,13 @@ STARVED_AFTER_S = 5.0  # lag, fetch answers, and no record for this long: the fe
 MAX_FETCH_WAIT_MS = 1000
 
 
+def fetch_states(kafka: Any) -> Any:
+    """An aiokafka consumer's per-partition fetch state (position, high watermark, last answer), or None
+    before it has an assignment."""
+    subscription = kafka._fetcher._subscriptions.subscription if kafka is not None else None
+    return subscription.assignment if subscription is not None else None
+
+
 class AgentInbox:
     """One agent's batches waiting to be processed, and when its partitions are held or fetched again."""
 
@@ -96,17 +103,11 @@ class BatchingConsumer(AIOKafkaFaustConsumer):
         asserts when a partition has none yet (just assigned, or reset to the beginning): the
         AssertionError crashed a worker of the soak. Such a partition is not fetching yet, so there is
         nothing to check."""
-        assignment = self._kafka_assignment()
+        assignment = fetch_states(self._thread._consumer)
         state = assignment.state_value(KafkaTopicPartition(tp.topic, tp.partition)) if assignment else None
         if state is None or not state.has_valid_position:
             return None
         return super().verify_event_path(now, tp)
-
-    def _kafka_assignment(self) -> Any:
-        """aiokafka's per-partition fetch state (position, high watermark, last answer), or None."""
-        kafka = self._thread._consumer
-        subscription = kafka._fetcher._subscriptions.subscription if kafka is not None else None
-        return subscription.assignment if subscription is not None else None
 
     async def on_partitions_revoked(self, revoked: set[TP]) -> None:
         self.held_partitions -= revoked  # the new assignment starts from the committed offsets
@@ -143,7 +144,7 @@ class BatchingConsumer(AIOKafkaFaustConsumer):
         """Every STARVED_AFTER_S: a fetched partition with lag that got fetch answers but no record since
         the last look, with nothing prefetched for it, means the broker needs a longer wait (above)."""
         now = monotonic()
-        if now < self._next_starvation_check or (assignment := self._kafka_assignment()) is None:
+        if now < self._next_starvation_check or (assignment := fetch_states(self._thread._consumer)) is None:
             return
         self._next_starvation_check = now + STARVED_AFTER_S
         fetcher = self._thread._consumer._fetcher
