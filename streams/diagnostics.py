@@ -26,6 +26,8 @@ from typing import Any
 import faust
 from faust.web import Request, Response, View
 
+from streams.batches import fetch_states
+
 log = logging.getLogger(__name__)
 
 STACK_FRAMES = 6  # innermost frames per task: enough to see what it awaits
@@ -83,7 +85,7 @@ def consumer_state(app: faust.App) -> dict[str, Any]:
         if kafka is not None:
             try:
                 fetcher = kafka._fetcher
-                tp_state = fetcher._subscriptions.subscription.assignment.state_value(tp)
+                tp_state = fetch_states(kafka).state_value(tp)
                 row["position"] = tp_state.position if tp_state.has_valid_position else None
                 row["aiokafka_paused"] = tp_state.paused
                 row["awaiting_reset"] = tp_state.awaiting_reset
