@@ -22,7 +22,7 @@ from streams.batches import batches_of, use_batching_consumer
 from streams.config import Settings
 from streams.cores import share_cores
 from streams.kafka import PartitionsByKey
-from streams.memory import tune_malloc
+from streams.memory import trim_and_report, tune_malloc
 from streams.moderation import ModerationPipeline, source_of
 from streams.ordered import OrderedAcker, Output
 from streams.schemas import EVENTS, FRAMES, POSTS, RECOMMENDATION_REQUESTS, VERDICTS
@@ -236,6 +236,11 @@ def build_worker_app(settings: Settings) -> faust.App:
     web.install(app, web.WorkerState(lambda: moderator.model_info))
     web.install_api(app, ServingAPI(registry, settings, moderation))
     _instrument(app, settings, moderator)
+    if settings.malloc_trim_every_s > 0:
+
+        @app.timer(interval=settings.malloc_trim_every_s)
+        async def trim_memory() -> None:  # in a thread: it walks every arena, holding each one's lock
+            await asyncio.to_thread(trim_and_report)
 
     @app.task
     async def watch_models() -> None:

@@ -32,6 +32,10 @@ found by then, and finding an offset takes it longer the longer the partition: i
 events partitions of ~180,000 records got empty answers at 50 ms forever (a fresh consumer at the
 same offset: nothing at 50 ms, 844 records at 100 ms, 11,748 at 200 ms), which stalled events for
 good at minute 47 of two runs. Apache Kafka answers as soon as it has data and never starves this way.
+Only answers that arrive count, so a frozen broker (no answers at all) leaves the wait alone. The raised
+wait stays raised: on tansu the search is slowest at a partition's end, where a caught-up consumer
+reads, so lowering it again would starve the partition again; on Apache Kafka a fetch with data
+returns at once (`fetch_min_bytes` 1), so the longer wait costs nothing while records flow.
 
 Written against faust-streaming 0.15.3 (pinned in pyproject.toml): `_drain_messages` below follows that
 version's loop line by line except for the hand-over.
@@ -63,6 +67,16 @@ def fetch_states(kafka: Any) -> Any:
     before it has an assignment."""
     subscription = kafka._fetcher._subscriptions.subscription if kafka is not None else None
     return subscription.assignment if subscription is not None else None
+
+
+def starved_since(before: tuple[int, Any] | None, position: int, last_answer: Any, highwater: int | None,
+                  prefetched: bool) -> bool:
+    """Whether a partition starved since the last look (`before`: its position and last fetch answer then):
+    the broker answered fetches (the answer's time changed), the partition has lag, yet its position did
+    not move and nothing is prefetched for it. A frozen broker sends no answers, so it never counts; an
+    agent that is merely slow leaves records prefetched or holds the partition, so neither does it."""
+    return (before is not None and before[0] == position and last_answer != before[1]
+            and (highwater or 0) > position and not prefetched)
 
 
 class AgentInbox:
@@ -155,9 +169,8 @@ class BatchingConsumer(AIOKafkaFaustConsumer):
             if state is None or not state.has_valid_position:
                 continue
             progress[ktp] = (state.position, state.timestamp)
-            before = self._fetch_progress.get(ktp)
-            if (before is not None and before[0] == state.position and state.timestamp != before[1]
-                    and (state.highwater or 0) > state.position and ktp not in fetcher._records):
+            if starved_since(self._fetch_progress.get(ktp), state.position, state.timestamp, state.highwater,
+                             prefetched=ktp in fetcher._records):
                 starved.append(f"{tp.topic}[{tp.partition}]@{state.position} (lag {state.highwater - state.position})")
         self._fetch_progress = progress
         wait_ms = fetcher._fetch_max_wait_ms
