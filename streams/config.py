@@ -62,7 +62,9 @@ class Settings:
     # 2 and 256 cost frames 17% of their speed, and the soak did not show them keeping memory flat
     malloc_arenas: int = 0
     malloc_mmap_threshold_kb: int = 0
-    malloc_trim_every_s: float = 60.0  # hand freed arena pages back to the system this often; 0: never
+    # hand freed arena pages back to the system this often; 0 (the default): never. In a 10-minute
+    # soak trial it returned 250-320 MB after warm-up, but the pair fell behind (p50 50 s vs 2 s)
+    malloc_trim_every_s: float = 0.0
     # JPEGs at least twice a model's input are decoded at 1/2, 1/4 or 1/8 scale in libjpeg's DCT
     # (never smaller than what every model reading the image resizes to); false: always full size
     decode_reduced: bool = True

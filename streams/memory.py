@@ -11,6 +11,13 @@ can stay. Few arenas and a fixed mmap threshold are the usual remedy.
 Why they are off: measured, 2 arenas and a 256 KB threshold cost frames 17% of their speed
 (bench/record_path.py: 138 vs 166 frames/s), and a soak with them on still grew (the growth was mostly
 frames held in flight during takeovers: see `frames_max_in_flight`).
+
+Why the trim is off as well: in a 10-minute soak trial (session 8, two workers, the hour's rates) a
+trim every 60 s handed 250-320 MB back after warm-up and 30-240 MB a minute under faults, in 17-228 ms
+a call, yet RSS rose to the same peaks at every fault (the records a takeover or a frozen broker's
+backlog puts in flight are a real working set), and the pair fell far behind: frames p50 ~50 s from
+minute 4 on, against 1-3 s in the same trial without it. One trial each, so the cause is not
+isolated: pages handed back are faulted in again, and the trim holds each arena's lock while it runs.
 """
 
 from __future__ import annotations
