@@ -22,10 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.frames_throughput import publish, sample_frames  # noqa: E402
-from bench.harness import Worker, produced_per_s, reading, rss_bytes  # noqa: E402
+from bench.harness import Worker, produced_per_s, reading  # noqa: E402
 from streams.broker import EmbeddedBroker, free_port  # noqa: E402
 from streams.config import Settings  # noqa: E402
 from streams.kafka import ensure_topics  # noqa: E402
+from streams.memory import rss_bytes  # noqa: E402
 from streams.schemas import VERDICTS  # noqa: E402
 
 MB = 2**20

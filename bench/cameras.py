@@ -35,7 +35,6 @@ import asyncio
 import json
 import os
 import platform
-import re
 import shutil
 import signal
 import statistics
@@ -63,6 +62,7 @@ from rtsp_server import RtspServer  # noqa: E402
 from streams.broker import EmbeddedBroker, free_port  # noqa: E402
 from streams.config import Settings  # noqa: E402
 from streams.kafka import consumer, ensure_topics  # noqa: E402
+from streams.memory import rss_bytes  # noqa: E402
 from streams.schemas import FRAMES, decode_headers  # noqa: E402
 
 W, H = 640, 480
@@ -111,10 +111,6 @@ def make_clip(path: Path, fps: int = CAMERA_FPS, seconds: int = CLIP_SECONDS) ->
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of a process, all its threads (fields 14 and 15 of /proc/PID/stat)."""
     return cpu_seconds_of(Path(f"/proc/{pid}/stat"))
-
-
-def rss_bytes(pid: int) -> int:
-    return int(re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text()).group(1)) * 1024
 
 
 def machine_cpu() -> tuple[float, float]:

@@ -100,17 +100,6 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
-def rss_bytes(pid: int) -> int | None:
-    """Resident set size (VmRSS) of a process, or None when it is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def open_fds(pid: int) -> int | None:
     try:
         return len(os.listdir(f"/proc/{pid}/fd"))

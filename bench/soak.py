@@ -40,7 +40,7 @@ from aiokafka import TopicPartition
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import Worker, cpu_seconds, imported_from, open_fds, rss_bytes  # noqa: E402
+from bench.harness import Worker, cpu_seconds, imported_from, open_fds  # noqa: E402
 from bench.models_throughput import sample_texts  # noqa: E402
 from bench.soak_inputs import Inputs, record_id  # noqa: E402
 from bench.soak_ledger import Ledger  # noqa: E402
@@ -48,6 +48,7 @@ from bench.soak_report import plot, summary  # noqa: E402
 from streams.broker import EmbeddedBroker, free_port  # noqa: E402
 from streams.config import Settings  # noqa: E402
 from streams.kafka import consumer, ensure_topics, producer  # noqa: E402
+from streams.memory import rss_bytes  # noqa: E402
 from streams.schemas import DEAD_LETTERS, EVENTS, FRAMES, POSTS, RECOMMENDATIONS, USER_STATE, VERDICTS  # noqa: E402
 
 KINDS = {"frames": FRAMES, "posts": POSTS, "events": EVENTS}

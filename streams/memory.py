@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
-import os
 import time
+from pathlib import Path
 
 from streams.config import Settings
 
@@ -34,7 +35,6 @@ log = logging.getLogger(__name__)
 
 M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
 M_ARENA_MAX = -8
-PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 REPORT_RELEASED_BYTES = 32 * 2**20
 
 
@@ -58,7 +58,9 @@ def tune_malloc(settings: Settings) -> dict[str, int]:
     return applied
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
+    """The C library, looked up once (`find_library` runs `ldconfig -p` in a subprocess)."""
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
@@ -80,20 +82,22 @@ def trim_malloc() -> bool:
     return trim(0) == 1
 
 
-def _rss_bytes() -> int:
+def rss_bytes(pid: int | str = "self") -> int | None:
+    """Resident set size (VmRSS) of a process, this one by default; None when it is gone (or not Linux)."""
     try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * PAGE_BYTES
-    except OSError:  # not Linux
-        return 0
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def trim_and_report() -> None:
     """`trim_malloc`, logging what it handed back when that is worth a line (a fault's working set)."""
-    before, started = _rss_bytes(), time.perf_counter()
+    before, started = rss_bytes() or 0, time.perf_counter()
     trim_malloc()
-    released = before - _rss_bytes()
+    released = before - (rss_bytes() or 0)
     if released >= REPORT_RELEASED_BYTES:
         log.info("malloc_trim handed %.0f MB back to the system in %.0f ms", released / 2**20,
                  (time.perf_counter() - started) * 1000)
-
