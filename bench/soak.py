@@ -4,7 +4,10 @@ The embedded broker, two workers in one consumer group running the default polic
 nudenet-320n, efficientnet-lite0) and recommendations, and producers of frames (320x240 JPEG, 8
 streams), posts (sample texts, one in 20 with a photo) and events (the catalogue's users and items).
 
-1. Capacity: one worker alone, each kind in turn kept backlogged; outputs/s over `--capacity-s`.
+1. Capacity: the pair (`--capacity-workers`, 2) in one group, each kind in turn kept backlogged;
+   outputs/s over `--capacity-s`. The load is a fraction of what the system under test serves, not of
+   what one worker serves with the machine to itself (session 8: two workers sharing 2 cores, one of
+   them killed every 5 minutes, fell 17 minutes behind at 0.7 of that).
 2. Load: `--load` (0.7) of that capacity, shared between the kinds by `--shares` (the fractions of
    the machine each kind gets: they sum to 1, so the three together ask for 70% of it).
 3. Faults, for `--minutes`: worker B is killed with SIGKILL every `--kill-every-min` and restarted
@@ -219,20 +222,38 @@ class Run:
 
 
 # ------------------------------------------------------------------------------------------ phases
-async def measure_capacity(run: Run, seconds: float) -> dict[str, float]:
+async def settled(run: Run, timeout_s: float = 180) -> None:
+    """Until every worker of the run holds a partition of every input topic: the group has joined
+    and balanced, so no rebalance falls inside a measurement."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        states = [await asyncio.to_thread(w.debug_state, False) for w in run.slots.values() if w is not None]
+        held = [{p["topic"] for p in ((s or {}).get("consumer") or {}).get("partitions", [])} for s in states]
+        if held and all(set(run.topics.values()) <= topics for topics in held):
+            run.note("group settled", workers=len(held))
+            return
+        await asyncio.sleep(1)
+    raise RuntimeError(f"the capacity workers did not share the input partitions in {timeout_s:.0f} s")
+
+
+async def measure_capacity(run: Run, seconds: float, workers: int) -> dict[str, float]:
+    """Outputs/s of `workers` workers in one group (the soak's pair by default), each kind in turn."""
     stop = asyncio.Event()
     run.kafka = producer(run.settings)
     await run.kafka.start()
     collector = asyncio.create_task(run.collect(stop))
-    run.start_worker("capacity")
+    for n in range(workers):
+        run.start_worker(f"capacity-{n}")
     try:
+        await settled(run)
         capacity = {}
         for kind in KINDS:
             capacity[kind] = await run.backlogged(kind, CAPACITY_BACKLOG[kind], seconds)
             run.note("capacity", kind=kind, per_s=round(capacity[kind], 1))
         return capacity
     finally:
-        run.slots["capacity"].stop()
+        for worker in run.slots.values():
+            worker.stop()
         await run.kafka.stop()
         stop.set()
         await collector
@@ -410,6 +431,9 @@ def main() -> int:
     parser.add_argument("--shares", default="frames=0.45,posts=0.45,events=0.10")
     parser.add_argument("--rates", default="", help="frames=N,posts=N,events=N per second: skip the capacity phase")
     parser.add_argument("--capacity-s", type=float, default=30)
+    parser.add_argument("--capacity-workers", type=int, default=2,
+                        help="workers sharing the machine while capacity is measured: 2, the pair under test "
+                             "(1 measures one worker alone, which two workers on the same cores do not reach)")
     parser.add_argument("--kill-every-min", type=float, default=3)
     parser.add_argument("--pause-every-min", type=float, default=20)
     parser.add_argument("--pause-s", type=float, default=20)
@@ -444,7 +468,8 @@ def main() -> int:
         else:
             cap_settings = base.replace(topic_prefix=f"soakcap-{stamp}-", app_id=f"soakcap-{stamp}")
             asyncio.run(ensure_topics(cap_settings))
-            capacity = asyncio.run(measure_capacity(Run(cap_settings, inputs, work, "capacity"), args.capacity_s))
+            capacity = asyncio.run(measure_capacity(Run(cap_settings, inputs, work, "capacity"), args.capacity_s,
+                                                    args.capacity_workers))
             shares = {k: float(v) for k, v in (p.split("=") for p in args.shares.split(","))}
             rates = {k: args.load * shares[k] * capacity[k] for k in KINDS}
         settings = base.replace(topic_prefix=f"soak-{stamp}-", app_id=f"soak-{stamp}")

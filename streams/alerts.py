@@ -33,6 +33,7 @@ from streams.config import Settings
 from streams.kafka import consumer, fetch_high_watermarks, read_to_high_watermark
 from streams.ordered import Output
 from streams.schemas import ALERT_STATE, ALERTS, SourceRecord, dumps
+from streams.turns import PartitionTurns
 
 log = logging.getLogger(__name__)
 
@@ -130,16 +131,14 @@ class AlertPipeline:
     def __init__(self, settings: Settings, rule: AlertRule, store: AlertStore | None = None) -> None:
         self.rule = rule
         self.store = store or AlertStore(settings)
-        self._in_order = asyncio.Lock()
+        self._turns = PartitionTurns()
 
     async def handle_batch(self, sources: list[SourceRecord]) -> list[list[Output]]:
-        """In order, batch after batch: batches run concurrently (OrderedAcker) and a partition's
-        recovery suspends the batch that meets it first; a later batch must not apply its frames
-        before the earlier ones, which would then look like redeliveries (asyncio.Lock: first come,
-        first served). One snapshot per changed stream and batch, with the stream's last verdict in
-        it: a batch is acked as a whole, once all its outputs are delivered."""
-        async with self._in_order:
-            applied = [await self._apply(source) for source in sources]
+        """In consume order within each partition, batch after batch (streams/turns.py: a partition
+        being recovered holds back only its own later batches). One snapshot per changed stream and
+        batch, with the stream's last verdict in it: a batch is acked as a whole, once all its outputs
+        are delivered."""
+        applied = await self._turns.apply_in_turn(sources, self._apply)
         last = {stream: i for i, (stream, _) in enumerate(applied) if stream is not None}
         for stream, i in last.items():
             applied[i][1].append(self.store.snapshot(stream))

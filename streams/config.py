@@ -70,9 +70,10 @@ class Settings:
     decode_reduced: bool = True
     max_in_flight: int = 1024  # records decoded/inferring per agent before consuming pauses
     # frames hold their decoded and preprocessed tensors while they wait (~1.1 MB at 640x480 with the
-    # default policy): catching up a backlog, 1024 in flight peaked at 2.36 GB, 128 at 1.35 GB, same
-    # speed (bench/backlog_memory.py); 128 keep 8 batches of 16 queued
-    frames_max_in_flight: int = 128
+    # default policy): catching up a backlog, 1024 in flight peaked at 2.36 GB, 128 at 1.34 GB and 32
+    # at 1.14 GB, all at the same speed (bench/backlog_memory.py, sessions 4 and 9); 32 keep two
+    # batches of 16 ready, one inferring while the next is decoded
+    frames_max_in_flight: int = 32
     max_batch_records: int = 256  # records an agent takes from its stream at once (one batch of work)
     # Recommendations
     recommendations: str = "auto"  # auto: on when the models below load; on: they must; off

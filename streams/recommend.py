@@ -55,6 +55,7 @@ from streams.schemas import (
     parse_event,
     parse_recommendation_request,
 )
+from streams.turns import PartitionTurns
 
 log = logging.getLogger(__name__)
 
@@ -201,18 +202,13 @@ class RecommendationPipeline:
         self.recommender = recommender
         self.dead_letters_topic = settings.topic(DEAD_LETTERS)
         self.trigger_kinds = {k.strip() for k in settings.rec_on_kinds.split(",") if k.strip()}
-        self._in_order = asyncio.Lock()
+        self._turns = PartitionTurns()
 
     async def handle_batch(self, sources: list[SourceRecord]) -> list[list[Output]]:
-        """Every record's state change applied in consume order, batch after batch, then the lists they
-        ask for awaited together (an event may wait for its debounced list).
-
-        Batches run concurrently (OrderedAcker), and a partition's recovery suspends the batch that
-        meets it first: without the lock a later batch of that partition would apply its events first,
-        and the earlier ones would then look like redeliveries and be skipped (the soak lost 1.7% of
-        events that way after every start and takeover). asyncio.Lock is first come, first served."""
-        async with self._in_order:
-            finishing = [await self._apply(source) for source in sources]
+        """Every record's state change applied in consume order within its partition, batch after batch
+        (streams/turns.py: a partition being recovered holds back only its own later batches), then the
+        lists they ask for awaited together (an event may wait for its debounced list)."""
+        finishing = await self._turns.apply_in_turn(sources, self._apply)
         return list(await asyncio.gather(*finishing))
 
     async def _apply(self, source: SourceRecord) -> Awaitable[list[Output]]:
