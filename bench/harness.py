@@ -107,6 +107,34 @@ def open_fds(pid: int) -> int | None:
         return None
 
 
+GLIBC_HEAP_ALIGN = 64 * 2**20  # glibc maps each thread arena at a multiple of HEAP_MAX_SIZE (64 MiB on 64-bit)
+
+
+def resident_by_kind(pid: int) -> dict[str, int] | None:
+    """Resident bytes of a process by where they live (/proc/<pid>/smaps): `main_heap` (brk: glibc's
+    main arena), `thread_arenas` (anonymous mappings that start on a 64 MiB boundary: glibc's
+    per-thread arenas), `other_anonymous` (mmap'd chunks above the mmap threshold, ONNX Runtime's
+    arena, Python's object arenas, thread stacks) and `files` (code, mapped model files). None when
+    the process is gone. Where a worker's growth sits says what could cure it."""
+    kinds = dict.fromkeys(("main_heap", "thread_arenas", "other_anonymous", "files"), 0)
+    kind = None
+    try:
+        with open(f"/proc/{pid}/smaps") as smaps:
+            for line in smaps:
+                head = line.split(maxsplit=5)
+                if "-" in head[0] and len(head) >= 5:  # a mapping's header: range perms offset dev inode [path]
+                    start = int(head[0].split("-")[0], 16)
+                    path = head[5].strip() if len(head) > 5 else ""
+                    kind = ("main_heap" if path == "[heap]" else "files" if path.startswith("/")
+                            else "thread_arenas" if not path and start % GLIBC_HEAP_ALIGN == 0
+                            else "other_anonymous")
+                elif head[0] == "Rss:" and kind:
+                    kinds[kind] += int(head[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return kinds
+
+
 # ------------------------------------------------------------------------------------------ outputs
 async def collect(settings: Settings, topic: str, stop: threading.Event, out: list[tuple[int, dict]]) -> None:
     """Append (timestamp, parsed value) of every record of `topic`, from the start, until `stop` is set."""

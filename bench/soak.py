@@ -43,7 +43,7 @@ from aiokafka import TopicPartition
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import Worker, cpu_seconds, imported_from, open_fds  # noqa: E402
+from bench.harness import Worker, cpu_seconds, imported_from, open_fds, resident_by_kind  # noqa: E402
 from bench.models_throughput import sample_texts  # noqa: E402
 from bench.soak_inputs import Inputs, record_id  # noqa: E402
 from bench.soak_ledger import Ledger  # noqa: E402
@@ -297,6 +297,7 @@ async def faults(run: Run, broker: EmbeddedBroker, repo: Path, plan: list[tuple[
 
 
 async def sampler(run: Run, broker: EmbeddedBroker, samples: list[dict], stop: asyncio.Event) -> None:
+    n = 0
     while not stop.is_set():
         row: dict[str, Any] = {"t_s": run.t(), "load_average": os.getloadavg(), "unaccounted": run.ledger.unaccounted(),
                                "broker_rss": rss_bytes(broker.process.pid)}
@@ -304,7 +305,10 @@ async def sampler(run: Run, broker: EmbeddedBroker, samples: list[dict], stop: a
             if worker is not None and worker.alive():
                 row[slot] = {"pid": worker.pid, "rss": rss_bytes(worker.pid), "fds": open_fds(worker.pid),
                              "cpu_s": cpu_seconds(worker.pid)}
+                if n % 6 == 0:  # where the memory sits, every 30 s (smaps takes a few ms to read)
+                    row[slot]["resident"] = resident_by_kind(worker.pid)
         samples.append(row)
+        n += 1
         try:
             await asyncio.wait_for(stop.wait(), 5)
         except TimeoutError:

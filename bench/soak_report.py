@@ -15,11 +15,11 @@ MB = 1024 * 1024
 def growth(samples: list[dict], load_end_s: float) -> list[dict[str, Any]]:
     """Per worker process that lived through load for at least 3 minutes after its warm-up: RSS and
     open fds in the minute after warm-up vs the last minute of load, and the growth between them."""
-    by_pid: dict[int, list[tuple[float, str, int, int]]] = defaultdict(list)
+    by_pid: dict[int, list[tuple[float, str, int, int, dict | None]]] = defaultdict(list)
     for row in samples:
         for slot, s in row.items():
             if isinstance(s, dict) and s.get("rss"):
-                by_pid[s["pid"]].append((row["t_s"], slot, s["rss"], s["fds"]))
+                by_pid[s["pid"]].append((row["t_s"], slot, s["rss"], s["fds"], s.get("resident")))
     out = []
     for pid, rows in by_pid.items():
         born = rows[0][0]
@@ -38,8 +38,18 @@ def growth(samples: list[dict], load_end_s: float) -> list[dict[str, Any]]:
                     "rss_mb_half_way": round(rss_mid / MB, 1), "rss_growth_second_half": round(rss1 / rss_mid - 1, 4),
                     "rss_mb_after_warm_up": round(rss0 / MB, 1), "rss_mb_at_end": round(rss1 / MB, 1),
                     "rss_growth": round(rss1 / rss0 - 1, 4), "fds_after_warm_up": round(fd0, 1),
-                    "fds_at_end": round(fd1, 1), "fds_growth": round(fd1 / fd0 - 1, 4)})
+                    "fds_at_end": round(fd1, 1), "fds_growth": round(fd1 / fd0 - 1, 4),
+                    "resident_mb_after_warm_up": _resident_mb(base), "resident_mb_half_way": _resident_mb(mid),
+                    "resident_mb_at_end": _resident_mb(last)})
     return sorted(out, key=lambda g: g["from_s"])
+
+
+def _resident_mb(rows: list[tuple]) -> dict[str, float] | None:
+    """The mean of the rows' resident-by-kind readings (bench/harness.py), in MiB."""
+    readings = [r[4] for r in rows if r[4]]
+    if not readings:
+        return None
+    return {kind: round(float(np.mean([r[kind] for r in readings])) / MB, 1) for kind in readings[0]}
 
 
 def summary(run, samples: list[dict], expected_reasons: dict[str, str]) -> dict[str, Any]:
