@@ -61,6 +61,9 @@ TRIM_PROBE = textwrap.dedent("""
 
     before = rss_mb()
     pinned = []
+    # all eight hold their buffers at once: a thread that starts after another has exited takes over
+    # the dead one's arena and reuses its free pages, so fewer arenas (and less to trim) by chance
+    all_allocated = threading.Barrier(8)
 
     def work():  # 40 MB in 64 KB buffers (under glibc's mmap threshold: in this thread's arena), then one
         buffers = [None] * 640  # small buffer above them, kept (over pymalloc's 512 B: from the arena too)
@@ -68,6 +71,7 @@ TRIM_PROBE = textwrap.dedent("""
             buffers[i] = bytearray(64 << 10)
             buffers[i][::4096] = b"x" * 16  # touch every page
         pinned.append(bytearray(4096))
+        all_allocated.wait()
         buffers.clear()
 
     threads = [threading.Thread(target=work) for _ in range(8)]
