@@ -297,7 +297,6 @@ async def faults(run: Run, broker: EmbeddedBroker, repo: Path, plan: list[tuple[
 
 
 async def sampler(run: Run, broker: EmbeddedBroker, samples: list[dict], stop: asyncio.Event) -> None:
-    n = 0
     while not stop.is_set():
         row: dict[str, Any] = {"t_s": run.t(), "load_average": os.getloadavg(), "unaccounted": run.ledger.unaccounted(),
                                "broker_rss": rss_bytes(broker.process.pid)}
@@ -305,10 +304,9 @@ async def sampler(run: Run, broker: EmbeddedBroker, samples: list[dict], stop: a
             if worker is not None and worker.alive():
                 row[slot] = {"pid": worker.pid, "rss": rss_bytes(worker.pid), "fds": open_fds(worker.pid),
                              "cpu_s": cpu_seconds(worker.pid)}
-                if n % 6 == 0:  # where the memory sits, every 30 s (smaps takes a few ms to read)
+                if len(samples) % 6 == 0:  # where the memory sits, every 30 s (smaps takes a few ms to read)
                     row[slot]["resident"] = resident_by_kind(worker.pid)
         samples.append(row)
-        n += 1
         try:
             await asyncio.wait_for(stop.wait(), 5)
         except TimeoutError:

@@ -10,8 +10,6 @@ import threading
 from bench.harness import resident_by_kind
 from streams.memory import rss_bytes
 
-MB = 2**20
-
 
 def test_the_kinds_add_up_to_the_resident_set_and_thread_allocations_land_in_thread_arenas():
     before = resident_by_kind(os.getpid())
