@@ -24,19 +24,26 @@ from streams.config import Settings
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def worker_env(settings: Settings) -> dict[str, str]:
-    return {**os.environ, **settings.to_env(), "PYTHONPATH": str(ROOT)}
+# What `--allocator` preloads into a worker (Debian/Ubuntu package libjemalloc2; the Docker images do the same)
+PRELOAD = {"glibc": "", "jemalloc": "libjemalloc.so.2"}
+
+
+def worker_env(settings: Settings, allocator: str = "glibc") -> dict[str, str]:
+    env = {**os.environ, **settings.to_env(), "PYTHONPATH": str(ROOT)}
+    if PRELOAD[allocator]:
+        env["LD_PRELOAD"] = PRELOAD[allocator]
+    return env
 
 
 class Worker:
     """`inferstream worker` as a child process, logging to `log` (`append`: a restart keeps the history)."""
 
-    def __init__(self, settings: Settings, log: Path, append: bool = False) -> None:
+    def __init__(self, settings: Settings, log: Path, append: bool = False, allocator: str = "glibc") -> None:
         self.settings = settings
         self.log_path = log
         self.log = log.open("ab" if append else "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], cwd=ROOT, env=worker_env(settings),
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], cwd=ROOT,
+                                     env=worker_env(settings, allocator), stdout=self.log, stderr=subprocess.STDOUT)
 
     @property
     def pid(self) -> int:

@@ -43,7 +43,7 @@ from aiokafka import TopicPartition
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import Worker, cpu_seconds, imported_from, open_fds, resident_by_kind  # noqa: E402
+from bench.harness import PRELOAD, Worker, cpu_seconds, imported_from, open_fds, resident_by_kind  # noqa: E402
 from bench.models_throughput import sample_texts  # noqa: E402
 from bench.soak_inputs import Inputs, record_id  # noqa: E402
 from bench.soak_ledger import Ledger  # noqa: E402
@@ -51,7 +51,7 @@ from bench.soak_report import plot, summary  # noqa: E402
 from streams.broker import EmbeddedBroker, free_port  # noqa: E402
 from streams.config import Settings  # noqa: E402
 from streams.kafka import consumer, ensure_topics, producer  # noqa: E402
-from streams.memory import rss_bytes  # noqa: E402
+from streams.memory import allocator, rss_bytes  # noqa: E402
 from streams.schemas import DEAD_LETTERS, EVENTS, FRAMES, POSTS, RECOMMENDATIONS, USER_STATE, VERDICTS  # noqa: E402
 
 KINDS = {"frames": FRAMES, "posts": POSTS, "events": EVENTS}
@@ -88,8 +88,9 @@ def add_version(repo: Path, name: str, version: str) -> None:
 class Run:
     """One topic prefix: a producer, a collector feeding the ledger, and supervised worker slots."""
 
-    def __init__(self, settings: Settings, inputs: Inputs, work: Path, tag: str) -> None:
+    def __init__(self, settings: Settings, inputs: Inputs, work: Path, tag: str, allocator: str = "glibc") -> None:
         self.settings = settings
+        self.allocator = allocator
         self.inputs = inputs
         self.work = work
         self.tag = tag
@@ -114,7 +115,7 @@ class Run:
     # -------------------------------------------------------------------------------- workers
     def start_worker(self, slot: str) -> Worker:
         worker = Worker(self.settings.replace(web_port=free_port()), self.work / f"{self.tag}-worker-{slot}.log",
-                        append=True)
+                        append=True, allocator=self.allocator)
         self.slots[slot] = worker
         self.note("start", slot=slot, pid=worker.pid)
         return worker
@@ -306,6 +307,7 @@ async def sampler(run: Run, broker: EmbeddedBroker, samples: list[dict], stop: a
                              "cpu_s": cpu_seconds(worker.pid)}
                 if len(samples) % 6 == 0:  # where the memory sits, every 30 s (smaps takes a few ms to read)
                     row[slot]["resident"] = resident_by_kind(worker.pid)
+                    row[slot]["allocator"] = allocator(worker.pid)  # what runs, not what was asked
         samples.append(row)
         try:
             await asyncio.wait_for(stop.wait(), 5)
@@ -445,6 +447,8 @@ def main() -> int:
     parser.add_argument("--stall-s", type=float, default=60,
                         help="save a worker's /debug/state when a partition it holds has lag and no commit for this long")
     parser.add_argument("--frame-size", default="320x240")
+    parser.add_argument("--allocator", choices=sorted(PRELOAD), default="glibc",
+                        help="the workers' malloc: glibc's, or jemalloc preloaded (Debian's libjemalloc2)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "soak.json"))
     parser.add_argument("--png", default=str(ROOT / "docs" / "soak.png"))
     args = parser.parse_args()
@@ -470,13 +474,13 @@ def main() -> int:
         else:
             cap_settings = base.replace(topic_prefix=f"soakcap-{stamp}-", app_id=f"soakcap-{stamp}")
             asyncio.run(ensure_topics(cap_settings))
-            capacity = asyncio.run(measure_capacity(Run(cap_settings, inputs, work, "capacity"), args.capacity_s,
+            capacity = asyncio.run(measure_capacity(Run(cap_settings, inputs, work, "capacity", args.allocator), args.capacity_s,
                                                     args.capacity_workers))
             shares = {k: float(v) for k, v in (p.split("=") for p in args.shares.split(","))}
             rates = {k: args.load * shares[k] * capacity[k] for k in KINDS}
         settings = base.replace(topic_prefix=f"soak-{stamp}-", app_id=f"soak-{stamp}")
         asyncio.run(ensure_topics(settings))
-        run = Run(settings, inputs, work, "soak")
+        run = Run(settings, inputs, work, "soak", args.allocator)
         asyncio.run(soak(run, broker, repo, rates, args, samples))
     run.ledger.save_event_evidence(work / "events-evidence.npz")
     report = summary(run, samples, inputs.expected_reasons())

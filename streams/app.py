@@ -22,7 +22,7 @@ from streams.batches import batches_of, use_batching_consumer
 from streams.config import Settings
 from streams.cores import share_cores
 from streams.kafka import PartitionsByKey
-from streams.memory import trim_and_report, tune_malloc
+from streams.memory import allocator, trim_and_report, tune_malloc
 from streams.moderation import ModerationPipeline, source_of
 from streams.ordered import OrderedAcker, Output
 from streams.schemas import EVENTS, FRAMES, POSTS, RECOMMENDATION_REQUESTS, VERDICTS
@@ -225,7 +225,7 @@ def build_worker_app(settings: Settings) -> faust.App:
     group, so no partition is held while a model is still loading). The model registry polls the
     repository for new versions and serving-state changes; REST routes share the web port, and gRPC
     runs on `grpc_port` when it is set."""
-    tune_malloc(settings)
+    log.info("malloc: %s %s", allocator(), tune_malloc(settings) or "(defaults)")
     app = create_app(settings)
     share_cores(settings)
     providers = settings.provider_list

@@ -18,6 +18,10 @@ a call, yet RSS rose to the same peaks at every fault (the records a takeover or
 backlog puts in flight are a real working set), and the pair fell far behind: frames p50 ~50 s from
 minute 4 on, against 1-3 s in the same trial without it. One trial each, so the cause is not
 isolated: pages handed back are faulted in again, and the trim holds each arena's lock while it runs.
+
+Another allocator, preloaded (`LD_PRELOAD=libjemalloc.so.2`, as the Docker images do), replaces
+glibc's malloc for the whole process: then these settings touch only glibc's idle allocator, and
+`allocator()` says which one runs (the worker logs it at start).
 """
 
 from __future__ import annotations
@@ -65,6 +69,22 @@ def _libc() -> ctypes.CDLL | None:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
         return None
+
+
+PRELOADED_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+
+
+def allocator(pid: int | str = "self") -> str:
+    """Which malloc serves a process: a preloaded allocator when one is mapped (its name), else
+    "glibc" (or "unknown" where /proc cannot say)."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return "unknown"
+    for name in PRELOADED_ALLOCATORS:
+        if f"/lib{name}" in maps:
+            return name
+    return "glibc"
 
 
 def trim_malloc() -> bool:
