@@ -45,19 +45,23 @@ rtsp-test-deps:
 	  || echo "WARNING: GStreamer's RTSP server is not installed: tests/test_cameras.py will fail" >&2; }
 
 # The deployment tests run shellcheck on every shell script, promtool on the Prometheus config and
-# rules, and a real Prometheus scraping a worker (tests/test_integration_prometheus.py): Debian's
-# shellcheck and prometheus packages, installed when missing like the RTSP server above. If that
+# rules, and a real Prometheus scraping a worker (tests/test_integration_prometheus.py); the Docker
+# images preload jemalloc, and tests/test_memory.py runs a process on it: Debian's shellcheck,
+# prometheus and libjemalloc2 packages, installed when missing like the RTSP server above. If that
 # fails, those tests fail with the reason (never skipped) and the rest of the suite still runs.
 DEPLOY_TEST_TOOLS := shellcheck promtool prometheus
+DEPLOY_TEST_LIBS := libjemalloc.so.2
+DEPLOY_TEST_TOOLS_PRESENT := (for tool in $(DEPLOY_TEST_TOOLS); do command -v $$tool >/dev/null || exit 1; done; \
+	for lib in $(DEPLOY_TEST_LIBS); do /sbin/ldconfig -p | grep -q "[[:space:]]$$lib " || exit 1; done)
 deploy-test-tools:
-	@(for tool in $(DEPLOY_TEST_TOOLS); do command -v $$tool >/dev/null || exit 1; done) || { \
+	@$(DEPLOY_TEST_TOOLS_PRESENT) || { \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	  echo "installing shellcheck and prometheus (with promtool) for the deployment tests"; \
+	  echo "installing shellcheck, prometheus (with promtool) and libjemalloc2 for the deployment tests"; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
-	    --no-install-recommends shellcheck prometheus >/dev/null \
-	  && (for tool in $(DEPLOY_TEST_TOOLS); do command -v $$tool >/dev/null || exit 1; done) \
-	  || echo "WARNING: $(DEPLOY_TEST_TOOLS) not all installed: tests/test_deploy.py and" \
-	    "tests/test_integration_prometheus.py will fail" >&2; }
+	    --no-install-recommends shellcheck prometheus libjemalloc2 >/dev/null \
+	  && $(DEPLOY_TEST_TOOLS_PRESENT) \
+	  || echo "WARNING: $(DEPLOY_TEST_TOOLS) $(DEPLOY_TEST_LIBS) not all installed: tests/test_deploy.py," \
+	    "tests/test_integration_prometheus.py and tests/test_memory.py will fail" >&2; }
 
 bench: models
 	$(BIN)/python bench/record_path.py

@@ -225,7 +225,8 @@ def build_worker_app(settings: Settings) -> faust.App:
     group, so no partition is held while a model is still loading). The model registry polls the
     repository for new versions and serving-state changes; REST routes share the web port, and gRPC
     runs on `grpc_port` when it is set."""
-    log.info("malloc: %s %s", allocator(), tune_malloc(settings) or "(defaults)")
+    tune_malloc(settings)
+    metrics.MALLOC_INFO.labels(allocator()).set(1)
     app = create_app(settings)
     share_cores(settings)
     providers = settings.provider_list

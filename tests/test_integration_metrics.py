@@ -50,6 +50,7 @@ def test_worker_metrics_count_what_flowed_through_it(settings, start_worker, run
     assert value(m, "inferstream_batch_size_records_count", model="tiny", version="1") <= n
     assert value(m, "inferstream_inference_latency_seconds_count", model="tiny", version="1") >= 1
     assert value(m, "inferstream_model_info", model="tiny", version="1", task="classify", provider="CPUExecutionProvider") == 1
+    assert value(m, "inferstream_malloc_info", allocator="glibc") == 1  # nothing preloaded here
     assert value(m, "inferstream_in_flight_records", topic=frames) == 0
     # each agent's bound on records in flight, as configured: frames have their own (their tensors are big)
     assert value(m, "inferstream_in_flight_limit_records", topic=frames) == 40

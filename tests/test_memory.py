@@ -5,6 +5,7 @@ the arenas are this test's alone."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -90,3 +91,22 @@ def test_trimming_hands_back_freed_arena_pages_that_glibc_keeps():
     assert out["freed"] - out["before"] > 150  # freed, yet resident: pinned below a live chunk
     assert out["released"] is True
     assert out["trimmed"] - out["before"] < 50
+
+
+ALLOCATOR_PROBE = textwrap.dedent("""
+    import ctypes, json
+    from streams.memory import allocator
+    # the oracle: jemalloc's own control call is in the process's global symbols only when it is loaded
+    print(json.dumps({"said": allocator(), "has_mallctl": hasattr(ctypes.CDLL(None), "mallctl")}))
+""")
+
+
+@pytest.mark.parametrize("preload, expected", [("", "glibc"), ("libjemalloc.so.2", "jemalloc")])
+def test_allocator_names_the_malloc_a_process_runs_on(preload, expected):
+    """The worker reports this (`inferstream_malloc_info`); the Docker images preload Debian's
+    libjemalloc2, which `make test` installs when missing."""
+    env = {**os.environ, "LD_PRELOAD": preload}
+    run = subprocess.run([sys.executable, "-c", ALLOCATOR_PROBE], capture_output=True, text=True, env=env, check=True)
+    assert "cannot be preloaded" not in run.stderr, run.stderr  # ld.so only warns when the library is missing
+    out = json.loads(run.stdout)
+    assert out == {"said": expected, "has_mallctl": expected == "jemalloc"}
