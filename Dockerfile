@@ -44,6 +44,15 @@ COPY --from=wheel /wheels/ /tmp/wheels/
 # Only the `cpu` extra: onnxruntime and onnxruntime-gpu cannot share one environment.
 RUN pip install "$(ls /tmp/wheels/inferstream-*.whl)[cpu]" && rm -rf /tmp/wheels
 
+# jemalloc serves every process of the image (the worker reports it: inferstream_malloc_info). On
+# glibc the per-thread arenas kept what each hot swap and takeover had freed; in the soak a worker
+# on jemalloc grew less at the same speed (README, Soak). The soname, not a path: the same line holds
+# on amd64 and arm64.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libjemalloc2 \
+    && rm -rf /var/lib/apt/lists/*
+ENV LD_PRELOAD=libjemalloc.so.2
+
 RUN groupadd --system --gid 10001 inferstream \
     && useradd --system --uid 10001 --gid inferstream --home-dir /app --no-create-home \
        --shell /usr/sbin/nologin inferstream \

@@ -300,7 +300,10 @@ async def faults(run: Run, broker: EmbeddedBroker, repo: Path, plan: list[tuple[
 async def sampler(run: Run, broker: EmbeddedBroker, samples: list[dict], stop: asyncio.Event) -> None:
     while not stop.is_set():
         row: dict[str, Any] = {"t_s": run.t(), "load_average": os.getloadavg(), "unaccounted": run.ledger.unaccounted(),
-                               "broker_rss": rss_bytes(broker.process.pid)}
+                               "broker_rss": rss_bytes(broker.process.pid),
+                               # who else takes the 2 cores: latency rose through the jemalloc hour while the
+                               # workers' CPU stayed flat, and the broker's and this process's were not sampled
+                               "broker_cpu_s": cpu_seconds(broker.process.pid), "soak_cpu_s": cpu_seconds(os.getpid())}
         for slot, worker in run.slots.items():
             if worker is not None and worker.alive():
                 row[slot] = {"pid": worker.pid, "rss": rss_bytes(worker.pid), "fds": open_fds(worker.pid),

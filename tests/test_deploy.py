@@ -665,6 +665,20 @@ def test_dockerfile_runtime_runs_the_worker_as_non_root(dockerfiles, kind):
         assert "INFERSTREAM_PROVIDERS" not in env
 
 
+@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+def test_dockerfile_runtime_preloads_the_jemalloc_it_installs(dockerfiles, kind):
+    """The preload names a library the runtime stage installs: ld.so only warns when a preloaded
+    library is missing, and the worker would run on glibc's malloc unnoticed. The oracle for which
+    file the package holds is dpkg's own list (make test installs libjemalloc2)."""
+    df = dockerfiles[kind]
+    preload = df.env().get("LD_PRELOAD")
+    assert preload == "libjemalloc.so.2", f"{df.path.name}: LD_PRELOAD {preload!r}"
+    installs = [shlex.split(run) for run in df.get("RUN") if "apt-get install" in run]
+    assert any("libjemalloc2" in words for words in installs), f"{df.path.name}: libjemalloc2 not installed"
+    files = subprocess.run(["dpkg", "-L", "libjemalloc2"], capture_output=True, text=True, check=True).stdout.split()
+    assert any(Path(f).name == preload for f in files)
+
+
 def _dockerignore_patterns() -> list[str]:
     return [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
             if line.strip() and not line.startswith("#")]
