@@ -29,10 +29,8 @@ PRELOAD = {"glibc": "", "jemalloc": "libjemalloc.so.2"}
 
 
 def worker_env(settings: Settings, allocator: str = "glibc") -> dict[str, str]:
-    env = {**os.environ, **settings.to_env(), "PYTHONPATH": str(ROOT)}
-    if PRELOAD[allocator]:
-        env["LD_PRELOAD"] = PRELOAD[allocator]
-    return env
+    # always set: an LD_PRELOAD inherited from the shell would otherwise override `glibc`
+    return {**os.environ, **settings.to_env(), "PYTHONPATH": str(ROOT), "LD_PRELOAD": PRELOAD[allocator]}
 
 
 class Worker:
