@@ -66,9 +66,15 @@ class Worker:
 
     def debug_state(self, tasks: bool = False) -> dict | None:
         """The worker's /debug/state (None while it does not answer)."""
+        return self._get_json(f"/debug/state?tasks={int(tasks)}")
+
+    def debug_memory(self, objects: bool = False) -> dict | None:
+        """The worker's /debug/memory (None while it does not answer)."""
+        return self._get_json(f"/debug/memory?objects={int(objects)}")
+
+    def _get_json(self, path: str) -> dict | None:
         try:
-            url = f"http://127.0.0.1:{self.settings.web_port}/debug/state?tasks={int(tasks)}"
-            with urllib.request.urlopen(url, timeout=10) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.settings.web_port}{path}", timeout=10) as r:
                 return json.loads(r.read())
         except (OSError, ValueError):
             return None

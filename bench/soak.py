@@ -311,6 +311,10 @@ async def sampler(run: Run, broker: EmbeddedBroker, samples: list[dict], stop: a
                 if len(samples) % 6 == 0:  # where the memory sits, every 30 s (smaps takes a few ms to read)
                     row[slot]["resident"] = resident_by_kind(worker.pid)
                     row[slot]["allocator"] = allocator(worker.pid)  # what runs, not what was asked
+                    # what is live (Python's small blocks, malloc's allocated bytes) against RSS: memory the
+                    # program keeps, or memory freed but kept by an allocator
+                    if (heap := await asyncio.to_thread(worker.debug_memory)) is not None:
+                        row[slot]["heap"] = {"python_blocks": heap["python_blocks"], **heap["malloc"]}
         samples.append(row)
         try:
             await asyncio.wait_for(stop.wait(), 5)

@@ -426,6 +426,7 @@ def open_backend(
     io_binding: bool | None = None,
     trt_cache_dir: str | None = None,
     trt_fp16: bool = False,
+    memory_pattern: bool = False,
     cache_dir: str | Path | None = None,
     inputs: Sequence[Mapping[str, Any]] = (),
     outputs: Sequence[Mapping[str, Any]] = (),
@@ -440,7 +441,8 @@ def open_backend(
     wants_gpu = any(p.lower() in _GPU_SHORT_NAMES for p in providers)
     ort_options = dict(providers=providers, device_id=device_id, intra_op_threads=intra_op_threads,
                        inter_op_threads=inter_op_threads, graph_optimization=graph_optimization,
-                       io_binding=io_binding, trt_cache_dir=trt_cache_dir, trt_fp16=trt_fp16)
+                       io_binding=io_binding, trt_cache_dir=trt_cache_dir, trt_fp16=trt_fp16,
+                       memory_pattern=memory_pattern)
     if kind == "onnx":
         return OnnxSession(path, **ort_options)
     if kind == "savedmodel":

@@ -84,6 +84,7 @@ class ModelConfig:
     io_binding: bool | None = None  # None: on when the model runs on a GPU
     trt_cache_dir: str | None = None  # TensorRT engine cache; relative paths are inside the version directory
     trt_fp16: bool = False
+    memory_pattern: bool = False  # runtime.memory_pattern: ONNX Runtime's per-shape memory plans (operators/session.py)
     cache_dir: str | None = None  # where a SavedModel's ONNX conversion is cached
     inputs: tuple[dict[str, Any], ...] = ()  # declared tensors; TorchScript records none of its own
     outputs: tuple[dict[str, Any], ...] = ()
@@ -143,6 +144,7 @@ class ModelConfig:
             io_binding=None if runtime.get("io_binding") is None else bool(runtime["io_binding"]),
             trt_cache_dir=str(directory / trt_cache) if trt_cache else None,
             trt_fp16=bool(tensorrt.get("fp16", False)),
+            memory_pattern=bool(runtime.get("memory_pattern", False)),
             cache_dir=str(directory / runtime["cache_dir"]) if runtime.get("cache_dir") else None,
             inputs=tuple(raw.get("inputs") or ()),
             outputs=tuple(raw.get("outputs") or ()),
@@ -302,6 +304,7 @@ class ModelRepository:
             io_binding=cfg.io_binding,
             trt_cache_dir=cfg.trt_cache_dir,
             trt_fp16=cfg.trt_fp16,
+            memory_pattern=cfg.memory_pattern,
             cache_dir=cfg.cache_dir,
             inputs=cfg.inputs,
             outputs=cfg.outputs,

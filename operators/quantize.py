@@ -280,7 +280,7 @@ def evaluate(source: Source, out_path: Path, held: Samples, bench_seconds: float
     """(accuracy by the task's evaluation, throughput block) of the converted graph against the source."""
     cfg = source.config
     quantized = OnnxSession(out_path, providers=source.providers, intra_op_threads=source.threads,
-                            graph_optimization=cfg.graph_optimization)
+                            graph_optimization=cfg.graph_optimization, memory_pattern=cfg.memory_pattern)
     accuracy = source.evaluation.accuracy(with_session(source.model, quantized), held, source.batch)
     accuracy["inputs"] = held.source
     speed = measure_throughput({"before": source.model.session, "after": quantized}, fit_batch(held.feeds, source.batch),

@@ -91,6 +91,46 @@ def allocator(pid: int | str = "self") -> str:
     return "glibc"
 
 
+JEMALLOC_STATS = ("allocated", "active", "resident", "mapped", "retained")
+GLIBC_MALLINFO2 = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                   "keepcost")
+
+
+def malloc_stats() -> dict[str, int]:
+    """What this process's malloc holds, in bytes: `allocated` (live, asked for by the program) against
+    what it keeps resident for them. RSS that grows while `allocated` does not is memory the allocator
+    keeps; `allocated` that grows is memory the program (or a library: ONNX Runtime, numpy) keeps.
+
+    jemalloc: its own counters (`stats.*` through `mallctl`, refreshed by writing `epoch`). glibc:
+    `mallinfo2` (`allocated` = in use in arenas + mmapped chunks; `free_in_arenas` = freed but kept).
+    Empty where neither answers."""
+    libc = _libc()
+    process = ctypes.CDLL(None)  # a preloaded jemalloc's symbols come first in the global scope
+    mallctl = getattr(process, "mallctl", None)
+    if mallctl is not None:
+        mallctl.argtypes = (ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.c_void_p,
+                            ctypes.c_size_t)
+        epoch, size = ctypes.c_uint64(1), ctypes.c_size_t(8)
+        mallctl(b"epoch", ctypes.byref(epoch), ctypes.byref(size), ctypes.byref(epoch), size)
+        out = {}
+        for name in JEMALLOC_STATS:
+            value, size = ctypes.c_size_t(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_size_t))
+            if mallctl(f"stats.{name}".encode(), ctypes.byref(value), ctypes.byref(size), None, 0) == 0:
+                out[name] = value.value
+        return out
+    mallinfo2 = getattr(libc, "mallinfo2", None)  # glibc 2.33+
+    if mallinfo2 is None:
+        return {}
+
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in GLIBC_MALLINFO2]
+
+    mallinfo2.restype = Mallinfo2
+    info = mallinfo2()
+    return {"allocated": info.uordblks + info.hblkhd, "free_in_arenas": info.fordblks,
+            "arenas": info.arena, "mmapped": info.hblkhd}
+
+
 def trim_malloc() -> bool:
     """Hand the free pages of every glibc arena back to the system (`malloc_trim(0)`); whether any were.
 

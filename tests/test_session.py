@@ -256,3 +256,59 @@ def test_gpu_settings_come_from_the_model_config(tmp_path):
     assert config.inter_op_threads == 1
     model = ModelRepository(tmp_path).load("tiny", providers=("cpu",))
     assert model.session.io_binding is True
+
+
+# ------------------------------------------------------------------------------ memory pattern
+def _conv_stack(path):
+    """Four 3x3 convolutions over 96x96 images: ~9 MB of activations per image in flight, so a
+    batch's plan is tens of MB of ONNX Runtime's arena."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    rng = np.random.default_rng(0)
+    nodes, weights, prev = [], [], "x"
+    for i in range(4):
+        weights.append(numpy_helper.from_array(rng.normal(size=(16, 16 if i else 3, 3, 3)).astype(np.float32), f"w{i}"))
+        nodes += [helper.make_node("Conv", [prev, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
+        prev = f"r{i}"
+    nodes.append(helper.make_node("ReduceMean", [prev], ["y"], axes=[2, 3], keepdims=0))
+    graph = helper.make_graph(nodes, "convs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 96, 96])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])], weights)
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _arena_growth_mb(session: OnnxSession) -> float:
+    """malloc's live bytes after batches of every size in a shuffled order, against after a warm-up
+    with the largest batch (what a stage does before it serves)."""
+    from streams.memory import malloc_stats
+
+    images = lambda n: {"x": np.zeros((n, 3, 96, 96), np.float32)}  # noqa: E731
+    session.run(images(16))
+    before = malloc_stats()["allocated"]
+    sizes = list(range(1, 17)) * 4
+    np.random.default_rng(0).shuffle(sizes)
+    for n in sizes:
+        session.run(images(n))
+    return (malloc_stats()["allocated"] - before) / 2**20
+
+
+def test_new_batch_sizes_after_warm_up_do_not_grow_the_arena(tmp_path):
+    path = _conv_stack(tmp_path / "convs.onnx")
+    with_plans = OnnxSession(path, providers=("cpu",), intra_op_threads=1, memory_pattern=True)
+    assert with_plans._session.get_session_options().enable_mem_pattern
+    grown = _arena_growth_mb(with_plans)
+    assert grown > 16  # the oracle: ONNX Runtime's per-shape plans extend the arena here (33 MB measured)
+    default = OnnxSession(path, providers=("cpu",), intra_op_threads=1)
+    assert not default._session.get_session_options().enable_mem_pattern
+    assert _arena_growth_mb(default) < 4
+
+
+def test_model_config_sets_the_memory_pattern(tiny_repo):
+    cfg_path = tiny_repo / "tiny" / "1" / "config.yaml"
+    assert ModelRepository(tiny_repo).config("tiny").memory_pattern is False
+    raw = yaml.safe_load(cfg_path.read_text())
+    raw.setdefault("runtime", {})["memory_pattern"] = True
+    cfg_path.write_text(yaml.safe_dump(raw))
+    loaded = ModelRepository(tiny_repo).load("tiny", providers=("cpu",))
+    assert loaded.session._session.get_session_options().enable_mem_pattern
