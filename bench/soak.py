@@ -298,6 +298,7 @@ async def faults(run: Run, broker: EmbeddedBroker, repo: Path, plan: list[tuple[
 
 
 async def sampler(run: Run, broker: EmbeddedBroker, samples: list[dict], stop: asyncio.Event) -> None:
+    allocators: dict[int, str] = {}  # a process's malloc never changes: read once per pid
     while not stop.is_set():
         row: dict[str, Any] = {"t_s": run.t(), "load_average": os.getloadavg(), "unaccounted": run.ledger.unaccounted(),
                                "broker_rss": rss_bytes(broker.process.pid),
@@ -310,7 +311,9 @@ async def sampler(run: Run, broker: EmbeddedBroker, samples: list[dict], stop: a
                              "cpu_s": cpu_seconds(worker.pid)}
                 if len(samples) % 6 == 0:  # where the memory sits, every 30 s (smaps takes a few ms to read)
                     row[slot]["resident"] = resident_by_kind(worker.pid)
-                    row[slot]["allocator"] = allocator(worker.pid)  # what runs, not what was asked
+                    if worker.pid not in allocators:
+                        allocators[worker.pid] = allocator(worker.pid)
+                    row[slot]["allocator"] = allocators[worker.pid]  # what runs, not what was asked
                     # what is live (Python's small blocks, malloc's allocated bytes) against RSS: memory the
                     # program keeps, or memory freed but kept by an allocator
                     if (heap := await asyncio.to_thread(worker.debug_memory)) is not None:

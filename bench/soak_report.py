@@ -44,6 +44,26 @@ def growth(samples: list[dict], load_end_s: float) -> list[dict[str, Any]]:
     return sorted(out, key=lambda g: g["from_s"])
 
 
+def cpu_per_minute(samples: list[dict]) -> dict[str, list[float | None]]:
+    """Cores used in each minute of the run by the broker, this soak process and each worker slot
+    (summed over the slot's processes; the interval across a restart counts the new process's
+    seconds only): who took the machine's cores as latency moved."""
+    def cores(series: list[tuple[float, int | None, float | None]]) -> list[float | None]:
+        used: dict[int, float] = defaultdict(float)
+        for (t0, pid0, c0), (_, pid1, c1) in zip(series, series[1:], strict=False):
+            if c1 is None:
+                continue
+            used[int(t0 // 60)] += c1 - c0 if pid1 == pid0 and c0 is not None else c1 if pid1 != pid0 else 0.0
+        return [round(used[m] / 60, 3) if m in used else None for m in range(max(used, default=-1) + 1)]
+
+    out = {"broker": cores([(r["t_s"], 0, r.get("broker_cpu_s")) for r in samples]),
+           "soak": cores([(r["t_s"], 0, r.get("soak_cpu_s")) for r in samples])}
+    for slot in sorted({k for r in samples for k, v in r.items() if isinstance(v, dict) and "pid" in v}):
+        out[f"worker {slot}"] = cores([(r["t_s"], r[slot]["pid"], r[slot].get("cpu_s")) for r in samples
+                                       if isinstance(r.get(slot), dict)])
+    return out
+
+
 def _resident_mb(rows: list[tuple]) -> dict[str, float] | None:
     """The mean of the rows' resident-by-kind readings (bench/harness.py), in MiB."""
     readings = [r[4] for r in rows if r[4]]
@@ -92,6 +112,7 @@ def summary(run, samples: list[dict], expected_reasons: dict[str, str]) -> dict[
         "per_minute": {"sent": {f"{k} {m}": n for (k, m), n in sorted(ledger.sent_per_minute.items())},
                        "answered": {f"{k} {m}": n for (k, m), n in sorted(ledger.done_per_minute.items())}},
         "memory": memory,
+        "cpu_cores_per_minute": cpu_per_minute(samples),
     }
 
 
@@ -145,8 +166,14 @@ def plot(report: dict[str, Any], path: Path) -> None:
     t = [row["t_s"] / 60 for row in samples]
     ax[2, 0].plot(t, [(row["broker_rss"] or 0) / MB for row in samples], color="black", label="broker RSS (MiB)")
     twin = ax[2, 0].twinx()
-    twin.plot(t, [row["load_average"][0] for row in samples], color="tab:red", label="load average (1 min)")
-    twin.set_ylabel("load average", color="tab:red")
+    twin.plot(t, [row["load_average"][0] for row in samples], color="tab:red", linewidth=0.8, label="load average (1 min)")
+    cpu_colors = {"broker": "black", "worker A": "tab:purple", "worker B": "tab:brown"}
+    for who, per_minute_cores in report.get("cpu_cores_per_minute", {}).items():
+        if who in cpu_colors:
+            twin.plot([m + 0.5 for m in range(len(per_minute_cores))], per_minute_cores, "--", color=cpu_colors[who],
+                      label=f"{who} CPU (cores)")
+    twin.set_ylabel("load average; CPU (cores, per minute)", color="tab:red")
+    twin.legend(fontsize=7, loc="upper right")
     ax[2, 0].set_ylabel("broker RSS (MiB)")
     reasons = report["dead_letters_by_reason"]
     ax[2, 1].barh(list(reasons), list(reasons.values()), color="tab:grey")

@@ -8,7 +8,7 @@ import os
 import threading
 
 from bench.harness import resident_by_kind
-from bench.soak_report import MB, growth
+from bench.soak_report import MB, cpu_per_minute, growth
 from streams.memory import rss_bytes
 
 
@@ -64,3 +64,18 @@ def test_growth_compares_the_minute_after_warm_up_with_the_last_and_says_where_m
     assert a["resident_mb_half_way"] == a["resident_mb_at_end"] == {"main_heap": 50, "thread_arenas": 200}
     b = by_pid[2]  # never read for smaps: no split, the rest as usual
     assert b["rss_growth"] == 0 and b["resident_mb_after_warm_up"] is None and b["resident_mb_at_end"] is None
+
+
+def test_cpu_per_minute_counts_each_process_and_a_restart_from_its_own_zero():
+    """Every 5 s for 3 minutes: the broker uses half a core, then a whole one from minute 2; worker A
+    a quarter of a core, killed and restarted (new pid, its CPU seconds from 0) at 90 s."""
+    rows = []
+    for t in range(0, 181, 5):
+        broker = 0.5 * min(t, 120) + 1.0 * max(t - 120, 0)
+        a = {"pid": 1, "cpu_s": 0.25 * t} if t < 90 else {"pid": 2, "cpu_s": 0.25 * (t - 90)}
+        rows.append({"t_s": float(t), "broker_cpu_s": broker, "soak_cpu_s": 0.01 * t, "A": {**a, "rss": MB, "fds": 1}})
+    cores = cpu_per_minute(rows)
+    assert cores["broker"] == [0.5, 0.5, 1.0]  # an interval counts in the minute it starts
+    assert cores["soak"] == [0.01, 0.01, 0.01]
+    # the interval that spans the restart (85-90 s) counts the new process's seconds only (0 at 90 s)
+    assert cores["worker A"] == [0.25, 0.229, 0.25]
