@@ -301,7 +301,7 @@ def test_new_batch_sizes_after_warm_up_do_not_grow_the_arena(tmp_path):
     assert grown > 16  # the oracle: ONNX Runtime's per-shape plans extend the arena here (33 MB measured)
     default = OnnxSession(path, providers=("cpu",), intra_op_threads=1)
     assert not default._session.get_session_options().enable_mem_pattern
-    assert _arena_growth_mb(default) < 4
+    assert _arena_growth_mb(default) < 8  # 0 measured; a margin for what other threads of this process allocate
 
 
 def test_model_config_sets_the_memory_pattern(tiny_repo):
