@@ -1,6 +1,10 @@
 """Per-user interaction state, folded from events: recent items, seen set, category counts, last
 activity. Pure data (no Kafka): streams/ keeps it in memory and in a state topic.
 
+Item ids are interned: every state holds the catalogue's one copy of an id, not a string per event
+(seen lists grow with every new item; a worker holds thousands of users and recovers them all at a
+takeover).
+
 Applying is idempotent under redelivery: a state remembers the offset of the last event it applied
 (one user's events live in one partition, in order), so an at-least-once redelivery after a crash
 is recognised and skipped instead of counted twice.
@@ -9,6 +13,7 @@ is recognised and skipped instead of counted twice.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from sys import intern
 from typing import Any
 
 RECENT_ITEMS = 50
@@ -30,7 +35,7 @@ class UserState:
         """Fold one validated event in; False (and no change) when `offset` was already applied."""
         if offset <= self.last_offset:
             return False
-        item = event["item_id"]
+        item = intern(event["item_id"])
         if item in self.recent_items:
             self.recent_items.remove(item)
         self.recent_items.append(item)
@@ -51,4 +56,8 @@ class UserState:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UserState:
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+        fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        for items in ("recent_items", "seen_items"):
+            if items in fields:
+                fields[items] = [intern(i) for i in fields[items]]
+        return cls(**fields)

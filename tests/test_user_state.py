@@ -35,3 +35,16 @@ def test_recent_items_are_bounded_and_state_round_trips():
     assert len(s.recent_items) == RECENT_ITEMS and s.recent_items[-1] == f"i{RECENT_ITEMS + 6}"
     assert len(s.seen_items) == RECENT_ITEMS + 7
     assert UserState.from_dict(s.to_dict()) == s
+
+
+def test_states_share_one_copy_of_each_item_id():
+    """Ids parsed from separate records are separate strings; every state (applied or recovered from
+    a snapshot) holds the same one."""
+    import json
+
+    a, b = UserState("a"), UserState("b")
+    a.apply(json.loads('{"item_id": "i-shared", "kind": "view", "ts": "2026-11-25T10:00:00+00:00"}'), 0, None)
+    b.apply(json.loads('{"item_id": "i-shared", "kind": "view", "ts": "2026-11-25T10:00:00+00:00"}'), 0, None)
+    recovered = UserState.from_dict(json.loads(json.dumps(a.to_dict())))
+    assert a.seen_items[0] is b.seen_items[0] is recovered.seen_items[0] is recovered.recent_items[0]
+    assert recovered == a
