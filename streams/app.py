@@ -241,7 +241,9 @@ def build_worker_app(settings: Settings) -> faust.App:
 
         @app.timer(interval=settings.malloc_trim_every_s)
         async def trim_memory() -> None:  # in a thread: it walks every arena, holding each one's lock
-            await asyncio.to_thread(trim_and_report)
+            released, seconds = await asyncio.to_thread(trim_and_report)
+            metrics.MALLOC_TRIM.observe(seconds)
+            metrics.MALLOC_TRIMMED.inc(released)
 
     @app.task
     async def watch_models() -> None:

@@ -25,7 +25,13 @@ glibc's malloc for the whole process: then these settings touch only glibc's idl
 jemalloc (session 11): the same frames/s catching up a backlog (51-54 vs 51-52) and 30-80 MB less
 resident after it. In an hour's soak that kept up, worker A grew +13.9% after warm-up (+8.5% in the
 second half): +10.7% by minute 40, after two freezes and the hot swap, where a 20-minute trial on
-glibc at the same rates had grown +16.8% after one freeze and the swap. Not flat yet: README, Soak.
+glibc at the same rates had grown +16.8% after one freeze and the swap.
+
+What that growth was (session 12, `GET /debug/memory` and `malloc_stats` below): neither malloc's
+nor Python's. Python's live blocks grew by a few MB (users' states), malloc's live bytes by tens of
+MB at each backlog and never came back: ONNX Runtime's memory patterns, one planned block per input
+shape, which a batch of a size not seen before could fit nowhere in the arena and so extended it.
+Sessions now run without them (`runtime.memory_pattern`, operators/session.py): README, Soak.
 """
 
 from __future__ import annotations
@@ -157,11 +163,12 @@ def rss_bytes(pid: int | str = "self") -> int | None:
     return None
 
 
-def trim_and_report() -> None:
-    """`trim_malloc`, logging what it handed back when that is worth a line (a fault's working set)."""
+def trim_and_report() -> tuple[int, float]:
+    """`trim_malloc`: (bytes of RSS it handed back, seconds it took), logged when worth a line (a
+    fault's working set)."""
     before, started = rss_bytes() or 0, time.perf_counter()
     trim_malloc()
-    released = before - (rss_bytes() or 0)
+    released, seconds = max(before - (rss_bytes() or 0), 0), time.perf_counter() - started
     if released >= REPORT_RELEASED_BYTES:
-        log.info("malloc_trim handed %.0f MB back to the system in %.0f ms", released / 2**20,
-                 (time.perf_counter() - started) * 1000)
+        log.info("malloc_trim handed %.0f MB back to the system in %.0f ms", released / 2**20, seconds * 1000)
+    return released, seconds

@@ -65,6 +65,11 @@ MODEL_INFO = Gauge("inferstream_model_info", "Loaded models (value 1) with their
                    ["model", "version", "task", "provider"], registry=REGISTRY)
 MALLOC_INFO = Gauge("inferstream_malloc_info", "The allocator serving this worker (value 1): glibc, or one preloaded "
                     "such as jemalloc (the Docker images preload it)", ["allocator"], registry=REGISTRY)
+# malloc_trim_every_s (off by default): each trim's time (it holds each glibc arena's lock) and what it gave back
+MALLOC_TRIM = Histogram("inferstream_malloc_trim_seconds", "One malloc_trim over every glibc arena",
+                        buckets=(0.001, 0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0), registry=REGISTRY)
+MALLOC_TRIMMED = Counter("inferstream_malloc_trimmed_bytes_total", "RSS handed back to the system by malloc_trim",
+                         registry=REGISTRY)
 MODEL_LOADS = Counter("inferstream_model_loads_total", "Model load attempts by outcome", ["model", "version", "outcome"],
                       registry=REGISTRY)
 SYNC_IN_FLIGHT = Gauge("inferstream_sync_in_flight_requests",

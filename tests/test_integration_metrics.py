@@ -51,6 +51,7 @@ def test_worker_metrics_count_what_flowed_through_it(settings, start_worker, run
     assert value(m, "inferstream_inference_latency_seconds_count", model="tiny", version="1") >= 1
     assert value(m, "inferstream_model_info", model="tiny", version="1", task="classify", provider="CPUExecutionProvider") == 1
     assert value(m, "inferstream_malloc_info", allocator="glibc") == 1  # nothing preloaded here
+    assert value(m, "inferstream_malloc_trim_seconds_count") == 0  # malloc_trim_every_s is off by default
     assert value(m, "inferstream_in_flight_records", topic=frames) == 0
     # each agent's bound on records in flight, as configured: frames have their own (their tensors are big)
     assert value(m, "inferstream_in_flight_limit_records", topic=frames) == 40
@@ -77,6 +78,23 @@ def test_worker_metrics_count_what_flowed_through_it(settings, start_worker, run
     # SIGUSR1 logs the same report
     worker.proc.send_signal(signal.SIGUSR1)
     assert wait_until(lambda: "diagnostics (SIGUSR1)" in worker.log() and f"'topic': '{frames}'" in worker.log(), 10)
+
+
+def test_malloc_trim_timer_trims_on_its_interval(settings, start_worker):
+    worker = start_worker(settings.replace(malloc_trim_every_s=0.5))
+    port = worker.settings.web_port
+
+    def trims() -> float:
+        try:
+            return value(scrape(port), "inferstream_malloc_trim_seconds_count") or 0
+        except OSError:  # not serving yet
+            return 0
+
+    assert wait_until(lambda: trims() >= 3, 60)
+    m = scrape(port)
+    trims, seconds = value(m, "inferstream_malloc_trim_seconds_count"), value(m, "inferstream_malloc_trim_seconds_sum")
+    assert 0 < seconds < trims  # each walk of the arenas took real time, well under a second here
+    assert value(m, "inferstream_malloc_trimmed_bytes_total") >= 0
 
 
 def test_ready_reports_models_and_group_membership(settings, start_worker, run):
