@@ -84,13 +84,13 @@ def test_malloc_trim_timer_trims_on_its_interval(settings, start_worker):
     worker = start_worker(settings.replace(malloc_trim_every_s=0.5))
     port = worker.settings.web_port
 
-    def trims() -> float:
+    def trims_so_far() -> float:
         try:
             return value(scrape(port), "inferstream_malloc_trim_seconds_count") or 0
         except OSError:  # not serving yet
             return 0
 
-    assert wait_until(lambda: trims() >= 3, 60)
+    assert wait_until(lambda: trims_so_far() >= 3, 60)
     m = scrape(port)
     trims, seconds = value(m, "inferstream_malloc_trim_seconds_count"), value(m, "inferstream_malloc_trim_seconds_sum")
     assert 0 < seconds < trims  # each walk of the arenas took real time, well under a second here
