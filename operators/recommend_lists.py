@@ -51,16 +51,25 @@ class ListRecommender:
     """Users' states -> their lists: CF retrieval, then the CTR ranker over the candidates (without a
     ranker, the retrieval order)."""
 
-    def __init__(self, retriever: CFRetriever, ranker: CandidateRanker | None = None) -> None:
+    def __init__(self, retriever: CFRetriever, ranker: CandidateRanker | None = None, max_users: int | None = None) -> None:
         self.retriever = retriever
         self.ranker = ranker
+        # users per ranking call (default: the ranker's batching.max_batch_size). ONNX Runtime's arena
+        # keeps the memory of the largest call it served (about 2.5 KB per pair for deepfm-ctr), and a
+        # backlog after a takeover makes thousands of users due at once: the soak's steps that stayed.
+        self.max_users = max_users or (ranker.model.config.max_batch_size if ranker is not None else None)
 
     @property
     def models(self) -> dict[str, str]:
         return {"retrieval": self.retriever.ref, **({"ranking": self.ranker.ref} if self.ranker else {})}
 
     def lists(self, states: Sequence[UserState], ks: Sequence[int]) -> list[RecommendationList]:
-        """The list of each state, `ks[i]` items long for `states[i]`: one retrieval pass, one ranking call."""
+        """The list of each state, `ks[i]` items long for `states[i]`: one retrieval pass and one ranking
+        call per `max_users` states."""
+        if self.max_users and len(states) > self.max_users:
+            step = self.max_users
+            return [made for start in range(0, len(states), step)
+                    for made in self.lists(states[start:start + step], ks[start:start + step])]
         k_max = max(ks)
         histories = [UserHistory(s.user_id, s.seen_items, s.recent_items, s.n_events) for s in states]
         retrievals = self.retriever.retrieve(histories, k=max(k_max * 5, 50) if self.ranker else k_max)

@@ -51,6 +51,27 @@ def test_batched_lists_equal_the_operators_called_one_user_at_a_time(repo):
         assert made.models == {"retrieval": "cf-retrieval@1", "ranking": "deepfm-ctr@1"}
 
 
+def test_a_backlog_of_users_is_ranked_max_users_at_a_time_with_the_same_lists(repo):
+    retriever = CFRetriever.from_repository(repo, "cf-retrieval")
+    ranker = CandidateRanker(repo.load("deepfm-ctr", providers=("cpu",)))
+    assert ListRecommender(retriever, ranker).max_users == ranker.model.config.max_batch_size
+    states = [state_of(f"u{1000 + n}", [f"i{(7 * n + j) % 3000:04d}" for j in range(3)], n % 24) for n in range(5)]
+    ks = [10, 4, 10, 7, 10]
+    calls: list[int] = []
+    score = ranker.score
+    ranker.score = lambda feeds: calls.append(len(feeds["user"])) or score(feeds)  # pairs per session call
+
+    chunked = ListRecommender(retriever, ranker, max_users=2).lists(states, ks)
+    per_call, calls[:] = list(calls), []
+    whole = ListRecommender(retriever, ranker, max_users=100).lists(states, ks)
+
+    assert len(per_call) == 3 and len(calls) == 1 and sum(per_call) == calls[0]  # 2 + 2 + 1 users' pairs
+    assert [m.user_id for m in chunked] == [s.user_id for s in states]
+    for a, b in zip(chunked, whole, strict=True):  # the same lists; scores to float noise (other batch shapes)
+        assert [i.item_id for i in a.items] == [i.item_id for i in b.items] and a.source == b.source
+        assert [i.click_probability for i in a.items] == pytest.approx([i.click_probability for i in b.items], abs=1e-5)
+
+
 def test_without_a_ranker_the_list_is_the_retrieval_order_with_no_click_probabilities(repo):
     retriever = CFRetriever.from_repository(repo, "cf-retrieval")
     states = [state_of(user, items, hour) for user, (items, hour) in USERS.items()]
