@@ -110,3 +110,27 @@ def test_allocator_names_the_malloc_a_process_runs_on(preload, expected):
     assert "cannot be preloaded" not in run.stderr, run.stderr  # ld.so only warns when the library is missing
     out = json.loads(run.stdout)
     assert out == {"said": expected, "has_mallctl": expected == "jemalloc"}
+
+
+MALLOC_STATS_PROBE = textwrap.dedent("""
+    import json
+    from streams.memory import malloc_stats
+
+    before = malloc_stats()
+    held = bytearray(64 << 20)  # 64 MiB from malloc (far above pymalloc's 512 B)
+    after = malloc_stats()
+    del held
+    print(json.dumps({"keys": sorted(after), "grown": after["allocated"] - before["allocated"],
+                      "released": after["allocated"] - malloc_stats()["allocated"]}))
+""")
+
+
+@pytest.mark.parametrize("preload, keys", [("", ["allocated", "arenas", "free_in_arenas", "mmapped"]),
+                                           ("libjemalloc.so.2", ["active", "allocated", "mapped", "resident", "retained"])])
+def test_malloc_stats_count_what_the_program_holds_on_either_malloc(preload, keys):
+    env = {**os.environ, "LD_PRELOAD": preload}
+    out = json.loads(subprocess.run([sys.executable, "-c", MALLOC_STATS_PROBE], capture_output=True, text=True, env=env,
+                                    check=True).stdout)
+    assert out["keys"] == keys  # jemalloc's own counters when it is preloaded, glibc's mallinfo2 otherwise
+    # jemalloc rounds a huge allocation up to its size class (64 MiB + 1 byte -> 80 MiB)
+    assert 64 << 20 <= out["grown"] <= 1.25 * (64 << 20) + (1 << 20) and out["released"] >= 64 << 20
