@@ -171,4 +171,8 @@ def install(app: faust.App) -> None:
     @app.page("/debug/memory")
     class DebugMemory(View):
         async def get(self, request: Request) -> Response:
-            return self.json(memory_state(objects=request.query.get("objects", "0") not in ("0", "false")))
+            objects = request.query.get("objects", "0")
+            if objects not in ("0", "1", "false", "true"):
+                return self.json({"error": "bad_query", "detail": f"objects must be 0, 1, false or true, not {objects!r}"},
+                                 status=400)
+            return self.json(memory_state(objects=objects in ("1", "true")))
