@@ -111,12 +111,8 @@ def malloc_stats() -> dict[str, int]:
     jemalloc: its own counters (`stats.*` through `mallctl`, refreshed by writing `epoch`). glibc:
     `mallinfo2` (`allocated` = in use in arenas + mmapped chunks; `free_in_arenas` = freed but kept).
     Empty where neither answers."""
-    libc = _libc()
-    process = ctypes.CDLL(None)  # a preloaded jemalloc's symbols come first in the global scope
-    mallctl = getattr(process, "mallctl", None)
+    mallctl = _mallctl()
     if mallctl is not None:
-        mallctl.argtypes = (ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.c_void_p,
-                            ctypes.c_size_t)
         epoch, size = ctypes.c_uint64(1), ctypes.c_size_t(8)
         mallctl(b"epoch", ctypes.byref(epoch), ctypes.byref(size), ctypes.byref(epoch), size)
         out = {}
@@ -125,7 +121,7 @@ def malloc_stats() -> dict[str, int]:
             if mallctl(f"stats.{name}".encode(), ctypes.byref(value), ctypes.byref(size), None, 0) == 0:
                 out[name] = value.value
         return out
-    mallinfo2 = getattr(libc, "mallinfo2", None)  # glibc 2.33+
+    mallinfo2 = getattr(_libc(), "mallinfo2", None)  # glibc 2.33+
     if mallinfo2 is None:
         return {}
 
@@ -136,6 +132,17 @@ def malloc_stats() -> dict[str, int]:
     info = mallinfo2()
     return {"allocated": info.uordblks + info.hblkhd, "free_in_arenas": info.fordblks,
             "arenas": info.arena, "mmapped": info.hblkhd}
+
+
+@functools.cache
+def _mallctl():
+    """jemalloc's `mallctl` when it is preloaded (its symbols come first in the global scope), else None:
+    looked up once, as a process's malloc never changes."""
+    mallctl = getattr(ctypes.CDLL(None), "mallctl", None)
+    if mallctl is not None:
+        mallctl.argtypes = (ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.c_void_p,
+                            ctypes.c_size_t)
+    return mallctl
 
 
 def trim_malloc() -> bool:
