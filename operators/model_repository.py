@@ -74,6 +74,7 @@ class ModelConfig:
     max_wait_ms: float = 5.0
     adaptive_batching: bool = True  # batching.adaptive: steer size and wait to target_p99_ms (false: the fixed limits)
     target_p99_ms: float = 100.0  # batching.target_p99_ms: time a record may spend in the batcher (queue, wait, run)
+    max_pairs: int | None = None  # batching.max_pairs: (user, candidate) rows per session call of a ranker (ctr)
     providers: tuple[str, ...] = ("cuda", "cpu")
     device_id: int = 0
     intra_op_threads: int = 0
@@ -134,6 +135,7 @@ class ModelConfig:
             max_wait_ms=float(batching.get("max_wait_ms", 5.0)),
             adaptive_batching=bool(batching.get("adaptive", True)),
             target_p99_ms=float(batching.get("target_p99_ms", 100.0)),
+            max_pairs=None if batching.get("max_pairs") is None else int(batching["max_pairs"]),
             providers=tuple(runtime.get("providers", ("cuda", "cpu"))),
             device_id=int(runtime.get("device_id", 0)),
             intra_op_threads=int(runtime.get("intra_op_threads", 0)),
@@ -158,6 +160,8 @@ class ModelConfig:
             raise ModelConfigError(f"{path}: batching needs max_batch_size >= 1 and max_wait_ms >= 0")
         if cfg.target_p99_ms <= 0:
             raise ModelConfigError(f"{path}: batching.target_p99_ms must be > 0")
+        if cfg.max_pairs is not None and cfg.max_pairs < 1:
+            raise ModelConfigError(f"{path}: batching.max_pairs must be >= 1")
         if not cfg.model_path.exists():  # a file, or a directory for a SavedModel
             raise ModelConfigError(f"{path}: model file {cfg.file} is missing (run `make models`)")
         return cfg

@@ -1,7 +1,9 @@
 """Candidate ranking with a CTR model (DeepFM, `task: ctr`): features -> (session) -> ranked lists.
 
 preprocess: one feature row per (user, candidate) pair of every request in the batch, built with
-array operations over all pairs at once; inference: ONE session call for the whole batch;
+array operations over all pairs at once; inference: one session call per `max_pairs` pairs
+(batching.max_pairs; a warm-up call of that size at load, so ONNX Runtime's arena is at its ceiling
+from the start instead of growing under the first large k or backlog, and stays there);
 postprocess: per user, candidates sorted by score (ties: retrieval order), where
 
     score = log P(click | shown) + retrieval_weight * retrieval score   (postprocess.retrieval_weight)
@@ -37,6 +39,7 @@ from operators.retrieval import IdIndex, Retrieval
 
 FIELDS = ("user", "item", "category", "hour", "recent", "popularity")
 RECENT_BUCKETS = 5
+DEFAULT_MAX_PAIRS = 4096  # rows per session call when the config names no batching.max_pairs
 
 
 # -------------------------------------------------------------------------------------- features
@@ -134,7 +137,7 @@ class Ranking:
 class CandidateRanker:
     """A loaded `task: ctr` model (operators.model_repository.LoadedModel) and its feature tables."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, max_pairs: int | None = None, warm_up: bool = True) -> None:
         cfg = model.config
         if cfg.task != "ctr":
             raise ModelConfigError(f"{cfg.ref}: task is {cfg.task!r}, not 'ctr'")
@@ -163,6 +166,9 @@ class CandidateRanker:
         names = {i.name for i in model.session.inputs}
         if names != set(FIELDS):
             raise ModelConfigError(f"{cfg.ref}: model inputs {sorted(names)} are not the fields {list(FIELDS)}")
+        self.max_pairs = max_pairs or cfg.max_pairs or DEFAULT_MAX_PAIRS
+        if warm_up:  # 0 is every field's "unknown" row: valid input of the largest call this ranker makes
+            self.score({name: np.zeros(self.max_pairs, np.int64) for name in FIELDS})
 
     @property
     def ref(self) -> str:
@@ -193,9 +199,13 @@ class CandidateRanker:
         return feeds, offsets
 
     def score(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """(P,) click probabilities: one session call for all pairs."""
-        (probs,) = self.model.session.run(feeds, [self.output]).values()
-        probs = np.asarray(probs, np.float32).reshape(-1)
+        """(P,) click probabilities: one session call per `max_pairs` pairs."""
+        parts = []
+        for start in range(0, len(feeds["user"]), self.max_pairs):
+            chunk = {name: column[start:start + self.max_pairs] for name, column in feeds.items()}
+            (part,) = self.model.session.run(chunk, [self.output]).values()
+            parts.append(np.asarray(part, np.float32).reshape(-1))
+        probs = np.concatenate(parts) if parts else np.zeros(0, np.float32)
         if not np.isfinite(probs).all():
             raise FloatingPointError(f"{self.ref} produced non-finite scores for {int((~np.isfinite(probs)).sum())} pairs")
         return probs

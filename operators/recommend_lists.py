@@ -1,5 +1,5 @@
-"""Recommendation lists for many users at once: one retrieval pass over the item matrix, then one
-ranking call for every (user, candidate) pair when a ranker is configured.
+"""Recommendation lists for many users at once: one retrieval pass over the item matrix, then the
+ranker over every (user, candidate) pair when a ranker is configured.
 
 The live agent (streams/recommend.py) and the events replay (streams/replay_events.py) both compute
 lists here and publish `RecommendationList.record`, so a backfill computes and writes exactly what
@@ -54,9 +54,9 @@ class ListRecommender:
     def __init__(self, retriever: CFRetriever, ranker: CandidateRanker | None = None, max_users: int | None = None) -> None:
         self.retriever = retriever
         self.ranker = ranker
-        # users per ranking call (default: the ranker's batching.max_batch_size). ONNX Runtime's arena
-        # keeps the memory of the largest call it served (about 2.5 KB per pair for deepfm-ctr), and a
-        # backlog after a takeover makes thousands of users due at once: the soak's steps that stayed.
+        # users per retrieval and ranking pass (default: the ranker's batching.max_batch_size): a backlog
+        # after a takeover makes thousands of users due at once. The ranker bounds its own session calls
+        # (batching.max_pairs), which is what keeps ONNX Runtime's arena at its warm-up size.
         self.max_users = max_users or (ranker.model.config.max_batch_size if ranker is not None else None)
 
     @property

@@ -106,6 +106,9 @@ def test_bad_batching_values_raise_model_config_error(repo_root):
     _edit_config(repo_root / "tiny" / "1", batching={"max_batch_size": 0})
     with pytest.raises(ModelConfigError, match="max_batch_size"):
         ModelRepository(repo_root).config("tiny@1")
+    _edit_config(repo_root / "tiny" / "1", batching={"max_batch_size": 4, "max_pairs": 0})
+    with pytest.raises(ModelConfigError, match="max_pairs"):
+        ModelRepository(repo_root).config("tiny@1")
 
 
 def test_label_count_not_matching_model_outputs_raises_on_load(repo_root):

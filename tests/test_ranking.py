@@ -44,14 +44,15 @@ def ranker(built) -> CandidateRanker:
 
 
 class CountingSession:
-    """Wraps a session and counts `run` calls."""
+    """Wraps a session and counts `run` calls, keeping each call's feeds."""
 
     def __init__(self, session) -> None:
-        self.session, self.calls = session, 0
+        self.session, self.calls, self.feeds = session, 0, []
         self.inputs, self.outputs = session.inputs, session.outputs
 
     def run(self, feeds, output_names=None):
         self.calls += 1
+        self.feeds.append(feeds)
         return self.session.run(feeds, output_names)
 
 
@@ -101,6 +102,26 @@ def test_a_batch_of_users_is_scored_in_one_session_call(ranker, built):
     results = ranker.rank(requests_for(built["data"], n_users=25, n_candidates=30), k=30)
     assert counting.calls == 1
     assert [len(r.item_ids) for r in results] == [30] * 25
+
+
+def test_more_pairs_than_max_pairs_run_in_several_calls_with_the_same_probabilities(ranker, built):
+    requests = requests_for(built["data"], n_users=25, n_candidates=30, seed=3)  # 750 pairs
+    whole = ranker.rank(requests, k=30)
+    small = CandidateRanker(ranker.model, max_pairs=100)
+    small.model.session = counting = CountingSession(ranker.model.session)
+    chunked = small.rank(requests, k=30)
+    assert counting.calls == 8  # ceil(750 / 100)
+    for a, b in zip(chunked, whole, strict=True):  # other batch shapes: equal to float noise
+        assert a.item_ids == b.item_ids
+        np.testing.assert_allclose(a.click_probabilities, b.click_probabilities, rtol=1e-5, atol=1e-7)
+
+
+def test_the_ranker_warms_up_with_one_call_of_max_pairs_unknown_rows(ranker):
+    ranker.model.session = counting = CountingSession(ranker.model.session)
+    CandidateRanker(ranker.model, max_pairs=500)
+    (feeds,) = counting.feeds
+    assert set(feeds) == set(FIELDS) and all(v.shape == (500,) and not v.any() for v in feeds.values())
+    assert ranker.model.config.max_pairs == 3200  # the committed config's bound, the default's source
 
 
 def test_probabilities_match_the_onnx_model_run_pair_by_pair(ranker, built):

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from operators.model_repository import ModelRepository
-from operators.ranking import CandidateRanker, RankRequest
+from operators.ranking import FIELDS, CandidateRanker, RankRequest
 from operators.recommend_lists import ListRecommender
 from operators.retrieval import CFRetriever, UserHistory
 from operators.user_state import UserState
@@ -70,6 +71,32 @@ def test_a_backlog_of_users_is_ranked_max_users_at_a_time_with_the_same_lists(re
     for a, b in zip(chunked, whole, strict=True):  # the same lists; scores to float noise (other batch shapes)
         assert [i.item_id for i in a.items] == [i.item_id for i in b.items] and a.source == b.source
         assert [i.click_probability for i in a.items] == pytest.approx([i.click_probability for i in b.items], abs=1e-5)
+
+
+def _growth_mb(recommender: ListRecommender, states: list[UserState], k: int) -> float:
+    """malloc's live bytes after lists of `k` items for `states`, against before them."""
+    from streams.memory import malloc_stats
+
+    before = malloc_stats()["allocated"]
+    made = recommender.lists(states, [k] * len(states))
+    assert all(len(m.items) == k for m in made)
+    del made
+    return (malloc_stats()["allocated"] - before) / 2**20
+
+
+def test_lists_with_the_largest_k_do_not_grow_the_rankers_arena_past_its_warm_up(repo):
+    retriever = CFRetriever.from_repository(repo, "cf-retrieval")
+    ranker = CandidateRanker(repo.load("deepfm-ctr", providers=("cpu",)))
+    assert ranker.max_pairs == 3200  # batching.max_pairs: 64 users x 50 candidates, the warm-up's size
+    states = [state_of(f"u{1000 + n}", [f"i{(7 * n + j) % 3000:04d}" for j in range(3)], n % 24) for n in range(64)]
+    bounded = ListRecommender(retriever, ranker)
+    bounded.lists(states[:1], [200])  # retrieval's and numpy's first-use allocations, outside the measure
+    # k = 200 (the schema's largest) ranks 1,000 candidates a user: 64,000 pairs in 20 calls of 3,200
+    assert _growth_mb(bounded, states, k=200) < 16  # ~0 measured
+    unbounded = CandidateRanker(repo.load("deepfm-ctr", providers=("cpu",)), max_pairs=10**6, warm_up=False)
+    unbounded.score({f: np.zeros(3200, np.int64) for f in FIELDS})  # the same warm-up, without the bound
+    # the oracle: without the bound, one call of 64,000 pairs extends the arena for good (~130 MB)
+    assert _growth_mb(ListRecommender(retriever, unbounded), states, k=200) > 64
 
 
 def test_without_a_ranker_the_list_is_the_retrieval_order_with_no_click_probabilities(repo):
