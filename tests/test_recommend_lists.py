@@ -3,6 +3,7 @@ called one user at a time, and the record they publish meets its contract."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -126,3 +127,4 @@ def test_live_and_replay_records_meet_the_recommendations_contract(repo):
         contracts.check("recommendations", json.loads(json.dumps(record)))
     assert live["user_id"] == "u1000" and live["request_id"] == "r-1" and len(live["items"]) == 10
     assert replayed["replay"] == {"run": "abc"} and replayed["items"] == live["items"]
+    assert live["items"] == [dataclasses.asdict(item) for item in made.items]  # every field, as the dataclass has them

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
+
 from operators.user_state import RECENT_ITEMS, UserState
 
 
@@ -22,7 +26,7 @@ def test_events_fold_into_recent_seen_counts_and_last_activity():
 def test_a_redelivered_event_is_not_applied_twice():
     s = UserState("u")
     assert s.apply(ev("a"), 10, "1")
-    before = s.to_dict()
+    before = copy.deepcopy(s.to_dict())  # to_dict is shallow: the state's own lists
     assert not s.apply(ev("a"), 10, "1")  # same offset again (at-least-once redelivery)
     assert not s.apply(ev("z"), 7, "9")  # an older offset
     assert s.to_dict() == before
@@ -40,11 +44,18 @@ def test_recent_items_are_bounded_and_state_round_trips():
 def test_states_share_one_copy_of_each_item_id():
     """Ids parsed from separate records are separate strings; every state (applied or recovered from
     a snapshot) holds the same one."""
-    import json
-
     a, b = UserState("a"), UserState("b")
     a.apply(json.loads('{"item_id": "i-shared", "kind": "view", "ts": "2026-11-25T10:00:00+00:00"}'), 0, None)
     b.apply(json.loads('{"item_id": "i-shared", "kind": "view", "ts": "2026-11-25T10:00:00+00:00"}'), 0, None)
     recovered = UserState.from_dict(json.loads(json.dumps(a.to_dict())))
     assert a.seen_items[0] is b.seen_items[0] is recovered.seen_items[0] is recovered.recent_items[0]
     assert recovered == a
+
+
+def test_the_snapshot_has_every_field_as_dataclasses_asdict_gives_them():
+    s = UserState("u")
+    for offset, (item, kind) in enumerate([("a", "view"), ("b", "click"), ("a", "purchase")]):
+        s.apply(ev(item, kind), offset, str(offset % 2))
+    snapshot = s.to_dict()
+    assert snapshot == dataclasses.asdict(s)  # the oracle, which deep-copies (what to_dict no longer does)
+    assert json.dumps(snapshot) == json.dumps(dataclasses.asdict(s))  # same keys in the same order
