@@ -1,6 +1,7 @@
 """CTR ranking: features for every (user, candidate) pair built at once and scored in one session
-call, checked pair by pair against the ONNX model run on features built by hand. The model is a
-tiny DeepFM built by the real recipes (generator -> CF -> DeepFM -> ONNX) in a few seconds."""
+call per `max_pairs` pairs, checked pair by pair against the ONNX model run on features built by
+hand. The model is a tiny DeepFM built by the real recipes (generator -> CF -> DeepFM -> ONNX) in a
+few seconds."""
 
 from __future__ import annotations
 
