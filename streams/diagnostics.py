@@ -31,6 +31,7 @@ from faust.web import Request, Response, View
 
 from streams.batches import fetch_states
 from streams.memory import allocator, malloc_stats, rss_bytes
+from streams.serving_api import ApiError
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,6 @@ def install(app: faust.App) -> None:
         async def get(self, request: Request) -> Response:
             objects = request.query.get("objects", "0")
             if objects not in ("0", "1", "false", "true"):
-                return self.json({"error": "bad_query", "detail": f"objects must be 0, 1, false or true, not {objects!r}"},
-                                 status=400)
+                error = ApiError(400, "bad_query", f"objects must be 0, 1, false or true, not {objects!r}")
+                return self.json(error.body(), status=error.status)
             return self.json(memory_state(objects=objects in ("1", "true")))

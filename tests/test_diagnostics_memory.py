@@ -3,10 +3,16 @@ show up where the report says they are."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import sys
 import tracemalloc
 
+from aiohttp.test_utils import TestClient, TestServer
+
+from streams import diagnostics
+from streams.app import create_app
+from streams.config import Settings
 from streams.diagnostics import memory_state
 from streams.memory import rss_bytes
 
@@ -47,3 +53,22 @@ def test_under_tracemalloc_it_names_the_line_holding_the_memory():
     assert top["where"] == f"{__file__}:{line}" and top["blocks"] >= 2_000 and top["bytes"] >= 2_000_000
     assert report["traced"]["current_bytes"] >= top["bytes"]
     del kept
+
+
+def test_the_route_takes_only_0_1_false_true_for_objects(tmp_path):
+    app = create_app(Settings(data_dir=str(tmp_path)))
+    diagnostics.install(app)
+
+    async def get_all() -> dict[str, tuple[int, dict]]:
+        async with TestClient(TestServer(app.web.web_app)) as client:
+            answers = {}
+            for value in ("yes", "2", "1", "false"):
+                response = await client.get(f"/debug/memory?objects={value}")
+                answers[value] = (response.status, await response.json())
+            return answers
+
+    got = asyncio.run(get_all())
+    for bad in ("yes", "2"):
+        assert got[bad][0] == 400 and got[bad][1]["error"] == "bad_query" and repr(bad) in got[bad][1]["detail"]
+    assert got["1"][0] == 200 and "gc_objects_by_type" in got["1"][1]
+    assert got["false"][0] == 200 and "gc_objects_by_type" not in got["false"][1]
